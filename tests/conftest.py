@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -7,9 +6,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-# Tests share 2 cores; one intra-op thread per process keeps multi-process tests from oversubscribing.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Pretraining launcher: one machine, or a Slurm job.
+#
+#   bash launch/pretrain.sh [--config configs/NAME.yaml] [key.path=value ...]
+#       every local GPU (torchrun, one process per GPU), or RMT_CPU_PROCS (default 2) CPU processes
+#       when there is no GPU. RMT_NPROC overrides the process count in both cases.
+#   sbatch [sbatch options] launch/pretrain.sh [same arguments]
+#       one task per GPU on every node of the allocation (srun); rank and rendezvous come from the
+#       Slurm environment (training/distributed.py). Options given to sbatch override the header,
+#       e.g. `sbatch --nodes=4 launch/pretrain.sh ...`, or on a CPU-only cluster
+#       `sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 launch/pretrain.sh`.
+#
+# Preemption and time limits: Slurm sends SIGUSR1 180 s before the limit (header below) and
+# SIGTERM on preemption or `scancel --signal=TERM`. Every rank saves a complete checkpoint at the
+# next step boundary and exits 0. After a SIGUSR1 this script requeues the job; a requeued job runs
+# the same command and the trainer resumes from the newest complete checkpoint of the run.
+#
+# Environment: RMT_NPROC (processes on this machine), RMT_CPU_PROCS (CPU default, 2), PYTHON
+# (interpreter, default python3), RMT_ROOT (repository; default: the sbatch submit directory or
+# this script's parent).
+#
+#SBATCH --job-name=rmt-pretrain
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@180
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+
+log() { echo "[launch] $*" >&2; }
+die() { echo "[launch] error: $*" >&2; exit 2; }
+
+repo_root() {
+    # sbatch runs a copy of this script from Slurm's spool directory, so its own path says nothing.
+    local root
+    if [[ -n "${RMT_ROOT:-}" ]]; then
+        root=$RMT_ROOT
+    elif [[ -n "${SLURM_JOB_ID:-}" && -n "${SLURM_SUBMIT_DIR:-}" ]]; then
+        root=$SLURM_SUBMIT_DIR
+    else
+        root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    fi
+    [[ -f "$root/training/pretrain.py" ]] || die "no training/pretrain.py under '$root': submit from the repository root or set RMT_ROOT to it"
+    echo "$root"
+}
+
+count_gpus() {
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true
+    else
+        "$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
+    fi
+}
+
+positive_int() {  # name value
+    [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1='$2' must be a positive integer"
+}
+
+# Flat resident memory on CPU: glibc keeps freed arenas of the many short-lived activation
+# buffers; jemalloc (or glibc with mmap for large blocks and eager trimming) returns them.
+configure_cpu_allocator() {
+    if [[ -n "${LD_PRELOAD:-}" || -n "${MALLOC_CONF:-}" || -n "${MALLOC_MMAP_THRESHOLD_:-}" || -n "${MALLOC_TRIM_THRESHOLD_:-}" ]]; then
+        log "allocator: keeping the user's LD_PRELOAD/MALLOC_* settings"
+        return
+    fi
+    local jemalloc
+    for jemalloc in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2; do
+        if [[ -f "$jemalloc" ]]; then
+            export LD_PRELOAD=$jemalloc
+            export MALLOC_CONF=${MALLOC_CONF:-background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000}
+            log "allocator: jemalloc ($jemalloc)"
+            return
+        fi
+    done
+    export MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=131072
+    log "allocator: glibc with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=131072 (no jemalloc found)"
+}
+
+# Validate the whole config once, before any rank or allocation is spent on it, and say where the
+# run's outputs go. Uses the trainer's own argument parser, loader and path report.
+preflight() {  # world_size args...
+    local world=$1; shift
+    WORLD_SIZE=$world "$PYTHON" - "$@" <<'EOF'
+import sys
+from training.config import ConfigError, load_config
+from training.pretrain import launch_world_size, parse_args, where
+args = parse_args(sys.argv[1:])
+try:
+    cfg = load_config(args.config, args.overrides, world_size=launch_world_size())
+except ConfigError as e:
+    print(e.report(), file=sys.stderr)
+    sys.exit(2)
+print("[launch] this run writes:\n" + where(cfg), file=sys.stderr)
+EOF
+}
+
+# Signals for the whole run reach this shell; the training processes must get a signal they treat
+# as "save at the next step boundary, then exit 0", and never one that kills them:
+# - srun turns a SIGTERM it receives into SIGKILL for its tasks but relays SIGUSR1 untouched, so
+#   under Slurm both are relayed as USR1 (on preemption and `scancel` the tasks also get SIGTERM
+#   from slurmstepd directly);
+# - torchrun dies on SIGUSR1 and would report the workers' clean exit as a failure after SIGTERM,
+#   so locally both go to torchrun's workers (its children) as TERM.
+on_signal() {
+    local sig=$1
+    received=$sig
+    [[ -z "${child:-}" ]] && return
+    log "received SIG$sig: asking the training processes to checkpoint at the next step boundary and exit"
+    if [[ "$relay_mode" == slurm ]]; then
+        kill -s USR1 "$child" 2>/dev/null || true
+    else
+        pkill -TERM -P "$child" 2>/dev/null || kill -s TERM "$child" 2>/dev/null || true
+    fi
+}
+
+run_child() {  # relay_mode command...: run in the background so traps fire; return its status
+    relay_mode=$1; shift
+    received=""
+    child=""
+    trap 'on_signal USR1' USR1
+    trap 'on_signal TERM' TERM
+    "$@" &
+    child=$!
+    local status=0
+    # `wait` returns early (status > 128) when a trapped signal arrives: wait again for the real exit.
+    while true; do
+        status=0
+        wait "$child" || status=$?
+        kill -0 "$child" 2>/dev/null || break
+    done
+    return "$status"
+}
+
+launch_slurm() {
+    local root=$1; shift
+    cd "$root"
+    # Slurm >= 22.05: srun no longer inherits --cpus-per-task from the allocation.
+    [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    local gpus
+    gpus=$(count_gpus)
+    [[ "$gpus" -eq 0 ]] && configure_cpu_allocator
+    log "Slurm job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-}], $gpus GPU(s) on this node"
+    log "launcher log: $(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p' || echo 'see sbatch --output')"
+    preflight "${SLURM_NTASKS:-1}" "$@"
+    local status=0
+    run_child slurm srun --kill-on-bad-exit=1 "$PYTHON" -m training.pretrain "$@" || status=$?
+    if [[ "$received" == USR1 && "$status" -eq 0 ]]; then
+        log "time limit near: checkpoint written, requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+    fi
+    log "training step exited with status $status"
+    exit "$status"
+}
+
+launch_local() {
+    local root=$1; shift
+    cd "$root"
+    local gpus nproc
+    gpus=$(count_gpus)
+    if [[ "$gpus" -gt 0 ]]; then
+        nproc=${RMT_NPROC:-$gpus}
+    else
+        nproc=${RMT_NPROC:-${RMT_CPU_PROCS:-2}}
+        configure_cpu_allocator
+    fi
+    positive_int RMT_NPROC "$nproc"
+    log "local run: $nproc process(es) on $(hostname), $gpus GPU(s)"
+    preflight "$nproc" "$@"
+    local status=0
+    run_child local "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m training.pretrain "$@" || status=$?
+    exit "$status"
+}
+
+main() {
+    local arg
+    for arg in "$@"; do
+        if [[ "$arg" == -h || "$arg" == --help ]]; then
+            cd "$(repo_root)" && exec "$PYTHON" -m training.pretrain --help
+        fi
+    done
+    local root
+    root=$(repo_root)
+    # A batch script or an salloc shell (job, but no step yet): start one task per GPU with srun.
+    if [[ -n "${SLURM_JOB_ID:-}" && -z "${SLURM_STEP_ID:-}" ]]; then
+        launch_slurm "$root" "$@"
+    else
+        launch_local "$root" "$@"
+    fi
+}
+
+main "$@"

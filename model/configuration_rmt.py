@@ -1,0 +1,122 @@
+"""RMTConfig: the backbone's config plus the memory settings, validated in one place."""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+# Config attributes that cap absolute positions (GPT-2 calls it n_positions; most others
+# max_position_embeddings). RoPE models also declare a maximum: respect it as well.
+_POSITION_LIMIT_ATTRS = ("n_positions", "max_position_embeddings")
+
+
+class RMTConfig(PretrainedConfig):
+    """Recurrent Memory Transformer settings.
+
+    backbone: dict of the backbone's Hugging Face config, including `model_type`.
+    num_mem_tokens (m): memory slots; each segment sees them read (start) and write (end).
+    segment_size (S): tokens per segment; the backbone sees S + 2m positions per step.
+    bptt_depth (k): memory is detached after every k-th segment; -1 = full BPTT.
+    loss_from_segment (j): only targets in segments >= j count towards the loss.
+    loss_chunk_size: segment positions whose [B, chunk, V] logits exist at once in the loss.
+    """
+
+    model_type = "rmt"
+
+    def __init__(
+        self,
+        backbone=None,
+        num_mem_tokens=16,
+        segment_size=512,
+        bptt_depth=-1,
+        loss_from_segment=0,
+        loss_chunk_size=1024,
+        **kwargs,
+    ):
+        self.backbone = dict(backbone) if backbone is not None else {"model_type": "llama"}
+        self.num_mem_tokens = num_mem_tokens
+        self.segment_size = segment_size
+        self.bptt_depth = bptt_depth
+        self.loss_from_segment = loss_from_segment
+        self.loss_chunk_size = loss_chunk_size
+        # Before the base init: its own validators already read vocab_size from the backbone.
+        self.validate_rmt()
+        super().__init__(**kwargs)
+
+    @property
+    def backbone_config(self) -> PretrainedConfig:
+        """The backbone's PretrainedConfig, built from the `backbone` dict."""
+        settings = dict(self.backbone)
+        model_type = settings.pop("model_type")
+        return AutoConfig.for_model(model_type, **settings)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone_config.get_text_config().hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backbone_config.get_text_config().vocab_size
+
+    def validate_rmt(self) -> None:
+        """Raise ValueError naming the field and its valid range for any invalid setting."""
+        _require_int("num_mem_tokens", self.num_mem_tokens, minimum=1)
+        _require_int("segment_size", self.segment_size, minimum=1)
+        _require_int("loss_from_segment", self.loss_from_segment, minimum=0)
+        _require_int("loss_chunk_size", self.loss_chunk_size, minimum=1)
+        if _not_int(self.bptt_depth) or not (self.bptt_depth == -1 or self.bptt_depth >= 1):
+            raise ValueError(
+                f"bptt_depth={self.bptt_depth!r} is invalid: valid values are -1 (full BPTT) "
+                "or an integer >= 1 (detach memory after every k-th segment)"
+            )
+        backbone_config = _validate_backbone(self.backbone)
+        positions = self.segment_size + 2 * self.num_mem_tokens
+        for attr in _POSITION_LIMIT_ATTRS:
+            limit = getattr(backbone_config, attr, None)
+            if isinstance(limit, int) and positions > limit:
+                raise ValueError(
+                    f"segment_size + 2 * num_mem_tokens = {self.segment_size} + 2 * {self.num_mem_tokens} "
+                    f"= {positions} exceeds the backbone's {attr} = {limit}; valid range: "
+                    f"segment_size + 2 * num_mem_tokens <= {limit}"
+                )
+
+
+def _not_int(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if _not_int(value) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid: valid range is an integer >= {minimum}")
+
+
+def _validate_backbone(backbone) -> PretrainedConfig:
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("model_type"), str):
+        raise ValueError(
+            "backbone must be a dict of a Hugging Face config including 'model_type' "
+            f"(e.g. {{'model_type': 'llama', 'hidden_size': 64}}), got {backbone!r}"
+        )
+    model_type = backbone["model_type"]
+    causal_types = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ValueError(
+            f"backbone['model_type']={model_type!r} is unknown to transformers; valid values are "
+            f"causal-LM model types such as 'llama', 'gpt2', 'mistral', 'qwen2' (any of {len(causal_types)})"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"backbone['model_type']={model_type!r} has no causal-LM head in transformers; valid values "
+            "are decoder-only causal LMs such as 'llama', 'gpt2', 'mistral', 'qwen2'"
+        )
+    settings = {k: v for k, v in backbone.items() if k != "model_type"}
+    try:
+        config = AutoConfig.for_model(model_type, **settings)
+    except Exception as err:  # transformers' strict dataclass errors are not ValueErrors
+        raise ValueError(f"backbone: cannot build a {model_type!r} config from {settings!r}: {err}") from err
+    # Encoder models with an optional decoder mode (BERT, RoBERTa, ...) and encoder-decoder
+    # models are not decoder-only: their attention is bidirectional or needs an encoder.
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", True) is False:
+        raise ValueError(
+            f"backbone['model_type']={model_type!r} is not a decoder-only causal LM (it is an encoder or "
+            "encoder-decoder model); valid backbones are causal decoders such as 'llama', 'gpt2', 'mistral'"
+        )
+    return config

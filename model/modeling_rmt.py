@@ -1,0 +1,322 @@
+"""Recurrent Memory Transformer (Bulatov et al., 2022) over any Hugging Face causal-LM backbone.
+
+RMT terms:
+    m  num_mem_tokens   memory slots; M0 is a learned [m, d] parameter
+    S  segment_size     tokens per segment; a sequence of L tokens has N = ceil(L / S) segments
+    k  bptt_depth       memory is detached after every k-th segment (-1: full BPTT)
+    d  hidden_size      the backbone's hidden size
+Shape legend: B batch, L sequence, S segment (T: a segment's actual length, T <= S),
+M memory (m), D hidden, V vocab.
+
+Segment t: the backbone sees [M_{t-1} (read, M) ; embed(x_t) (T) ; M_{t-1} (write, M)] and
+M_t is its final hidden state (after the final norm) at the write positions. Logits and loss
+exist only for the T token positions; the loss of a segment is computed inside its step.
+
+Padding: segments are cut at fixed offsets of the [B, L] batch; pads are masked and do not
+advance positions, so a right-padded row computes exactly what the row alone computes. A
+segment that is all padding leaves the memory unchanged. Left-padded prompts in a batch are
+cut at the same offsets as the other rows (generation equals the teacher-forced forward over
+the same padded batch, not a row generated on its own).
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.utils import ModelOutput
+
+from .configuration_rmt import RMTConfig
+from .generation_rmt import RMTDecodingState, decode_tokens
+from .segments import lm_loss_sum, segment_layout, shifted_targets
+
+
+@dataclass
+class RMTOutput(ModelOutput):
+    """Output of RMTForCausalLM.forward (see docs/architecture.md)."""
+
+    loss: torch.Tensor | None = None  # scalar: loss_sum / num_tokens
+    logits: torch.Tensor | None = None  # [B, L, V] (or the kept last positions)
+    loss_sum: torch.Tensor | None = None  # scalar float32
+    num_tokens: torch.Tensor | None = None  # scalar long
+    segment_losses: torch.Tensor | None = None  # [N]; nan where a segment has no target
+    segment_token_counts: torch.Tensor | None = None  # [N] long
+    memory: torch.Tensor | None = None  # [B, M, D]
+    cache: RMTDecodingState | None = None  # decoding state, only with use_cache
+
+
+class RMTForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = RMTConfig
+    base_model_prefix = "rmt"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: RMTConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        if backbone is None:
+            backbone = AutoModelForCausalLM.from_config(config.backbone_config)
+        self.backbone = backbone
+        self.memory = nn.Parameter(torch.empty(config.num_mem_tokens, config.hidden_size))  # M0 [M, D]
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
+        self.generation_config = backbone.generation_config
+        self.post_init()
+
+    # ----- construction ---------------------------------------------------------------
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone,
+        *,
+        num_mem_tokens: int,
+        segment_size: int,
+        bptt_depth: int = -1,
+        loss_from_segment: int = 0,
+        loss_chunk_size: int = 1024,
+        **from_pretrained_kwargs,
+    ) -> "RMTForCausalLM":
+        """Add memory to a causal LM (a path/hub name or a loaded model); its weights are kept."""
+        if isinstance(backbone, (str, os.PathLike)):
+            backbone = AutoModelForCausalLM.from_pretrained(backbone, **from_pretrained_kwargs)
+        elif from_pretrained_kwargs:
+            raise ValueError(
+                f"from_backbone: {sorted(from_pretrained_kwargs)} only apply when backbone is a path or name"
+            )
+        config = RMTConfig(
+            backbone=backbone.config.to_dict(),
+            num_mem_tokens=num_mem_tokens,
+            segment_size=segment_size,
+            bptt_depth=bptt_depth,
+            loss_from_segment=loss_from_segment,
+            loss_chunk_size=loss_chunk_size,
+        )
+        return cls(config, backbone=backbone)
+
+    def _init_weights(self, module):
+        # Only M0 belongs to this class; the backbone initialises (or loaded) its own weights.
+        # M0 is drawn from the config, never from other weights: under ZeRO-3 those are empty.
+        if module is self:
+            std = getattr(self.config.backbone_config, "initializer_range", None) or 0.02
+            hf_init.normal_(self.memory, mean=0.0, std=std)
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.backbone.set_output_embeddings(value)
+
+    @property
+    def decoder(self) -> PreTrainedModel:
+        """The backbone without its LM head: returns final-norm hidden states."""
+        return self.backbone.base_model
+
+    # ----- segment-level activation checkpointing ---------------------------------------
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=None, every_n_layers=1):
+        # Checkpointing is per segment step, not per backbone layer: only M_t and the inputs stay
+        # alive between forward and backward, so activation memory is flat in the segment count.
+        if enable:
+            if every_n_layers != 1:
+                raise ValueError(
+                    f"every_n_layers={every_n_layers}: RMT checkpoints whole segment steps; valid value is 1"
+                )
+            reentrant = getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False)
+            if reentrant:
+                raise ValueError(
+                    "use_reentrant=True: reentrant checkpointing breaks under ZeRO-3 when the same blocks run "
+                    "once per segment; valid value is use_reentrant=False"
+                )
+        self.gradient_checkpointing = enable
+        self._gradient_checkpointing_func = gradient_checkpointing_func if enable else None
+
+    # ----- forward ----------------------------------------------------------------------
+    def _segment_step(self, memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from):
+        """One segment: (memory_in [B,M,D], tokens, targets [B,T] or None, mask [B,T] or None)
+        -> (loss_sum, num_tokens, memory_out [B,M,D], logits [B,T-logits_from,V] or None)."""
+        if seg_embeds is None:
+            seg_embeds = self.get_input_embeddings()(seg_ids)
+        length = seg_embeds.shape[1]
+        m = self.config.num_mem_tokens
+        positions, attention_mask, real_tokens = segment_layout(m, seg_mask, length, seg_embeds.device)
+        memory = memory.to(seg_embeds.dtype)
+        hidden = self.decoder(
+            inputs_embeds=torch.cat([memory, seg_embeds, memory], dim=1),
+            position_ids=positions,
+            attention_mask=attention_mask,
+            use_cache=False,
+        ).last_hidden_state  # [B, M + T + M, D]
+        token_hidden = hidden[:, m : m + length]
+        # A copy, not a view: a view would keep the whole [B, M+T+M, D] output alive per segment.
+        new_memory = hidden[:, m + length :].clone()
+        if real_tokens is not None:
+            # A segment that is all padding (left-padded prompts) leaves the memory unchanged.
+            new_memory = torch.where((real_tokens > 0)[:, None, None], new_memory, memory)
+
+        lm_head = self.get_output_embeddings()
+        if seg_targets is None:
+            loss_sum = hidden.new_zeros((), dtype=torch.float32)
+            num_tokens = torch.zeros((), dtype=torch.long, device=hidden.device)
+        else:
+            loss_sum, num_tokens = lm_loss_sum(lm_head, token_hidden, seg_targets, self.config.loss_chunk_size)
+        logits = lm_head(token_hidden[:, logits_from:]) if logits_from is not None else None
+        return loss_sum, num_tokens, new_memory, logits
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        memory: torch.Tensor | None = None,
+        return_memory: bool = False,
+        return_logits: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: RMTDecodingState | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+    ) -> RMTOutput:
+        """Process a sequence segment by segment (see module docstring and docs/architecture.md).
+
+        inputs_embeds [B, L, D] may replace input_ids. use_cache/cache run incremental decoding
+        (what generate() uses): input_ids are then only the tokens not yet fed to `cache`.
+        logits_to_keep=n > 0 returns logits of the last n positions only.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("forward: pass exactly one of input_ids [B, L] or inputs_embeds [B, L, D]")
+        if return_dict is False:
+            raise ValueError("return_dict=False is not supported: RMTForCausalLM always returns RMTOutput")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep={logits_to_keep!r}: valid values are integers >= 0 (0 = all)")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, length = tokens.shape[0], tokens.shape[1]
+        if tokens.dim() != (2 if input_ids is not None else 3) or length == 0:
+            raise ValueError(f"forward: expected a non-empty [B, L] batch, got shape {tuple(tokens.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, L) = {(batch, length)}"
+            )
+        if memory is not None and tuple(memory.shape) != (batch, self.config.num_mem_tokens, self.config.hidden_size):
+            raise ValueError(
+                f"memory has shape {tuple(memory.shape)}; expected (B, num_mem_tokens, hidden_size) = "
+                f"{(batch, self.config.num_mem_tokens, self.config.hidden_size)}"
+            )
+
+        if use_cache or cache is not None:
+            if labels is not None or input_ids is None:
+                raise ValueError("incremental decoding (use_cache/cache) takes input_ids and no labels")
+            if cache is None:
+                cache = RMTDecodingState.start(self, self._initial_memory(batch, memory))
+            elif memory is not None:
+                raise ValueError("memory: pass it only with the first call; the cache already holds the memory")
+            logits = decode_tokens(self, cache, input_ids, attention_mask, logits_to_keep)
+            return RMTOutput(logits=logits, memory=cache.memory if return_memory else None, cache=cache)
+
+        if labels is not None and tuple(labels.shape) != (batch, length):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}; expected (B, L) = {(batch, length)}")
+        if return_logits is None:
+            return_logits = labels is None
+        return self._forward_segments(
+            input_ids, inputs_embeds, attention_mask, labels, self._initial_memory(batch, memory),
+            return_memory, return_logits, logits_to_keep,
+        )
+
+    def _initial_memory(self, batch: int, memory):
+        return memory if memory is not None else self.memory.unsqueeze(0).expand(batch, -1, -1)
+
+    def _forward_segments(
+        self, input_ids, inputs_embeds, attention_mask, labels, memory, return_memory, return_logits, logits_to_keep
+    ) -> RMTOutput:
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        length = tokens.shape[1]
+        seg_size = self.config.segment_size
+        num_segments = math.ceil(length / seg_size)
+        if attention_mask is not None and bool(attention_mask.bool().all()):
+            attention_mask = None  # all real: the backbone's plain causal path is faster and identical
+        targets = shifted_targets(labels, attention_mask) if labels is not None else None
+        first_kept = length - logits_to_keep if logits_to_keep else 0
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        k = self.config.bptt_depth
+
+        loss_sums, token_counts, logits = [], [], []
+        for t in range(num_segments):
+            if k > 0 and t > 0 and t % k == 0:
+                memory = memory.detach()  # truncated BPTT: no gradient flows into earlier segments
+            start, end = t * seg_size, min(length, (t + 1) * seg_size)
+            seg_targets = None
+            if targets is not None and t >= self.config.loss_from_segment:
+                seg_targets = targets[:, start:end]
+            logits_from = max(first_kept - start, 0) if return_logits and end > first_kept else None
+            args = (
+                memory,
+                input_ids[:, start:end] if input_ids is not None else None,
+                inputs_embeds[:, start:end] if inputs_embeds is not None else None,
+                seg_targets,
+                attention_mask[:, start:end] if attention_mask is not None else None,
+                logits_from,
+            )
+            if checkpointed:
+                loss_sum, num_tokens, memory, seg_logits = self._gradient_checkpointing_func(self._segment_step, *args)
+            else:
+                loss_sum, num_tokens, memory, seg_logits = self._segment_step(*args)
+            loss_sums.append(loss_sum)
+            token_counts.append(num_tokens)
+            if seg_logits is not None:
+                logits.append(seg_logits)
+
+        segment_loss_sums = torch.stack(loss_sums)
+        segment_token_counts = torch.stack(token_counts)
+        loss_sum = segment_loss_sums.sum()
+        num_tokens = segment_token_counts.sum()
+        has_loss = labels is not None
+        return RMTOutput(
+            loss=loss_sum / num_tokens.clamp(min=1) if has_loss else None,
+            logits=torch.cat(logits, dim=1) if return_logits else None,
+            loss_sum=loss_sum if has_loss else None,
+            num_tokens=num_tokens if has_loss else None,
+            segment_losses=segment_loss_sums / segment_token_counts if has_loss else None,
+            segment_token_counts=segment_token_counts if has_loss else None,
+            memory=memory if return_memory else None,
+        )
+
+    # ----- generation (GenerationMixin hooks) -------------------------------------------
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The decoding state is RMT-specific (memory + per-segment KV cache): forward creates it.
+        return False
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        next_sequence_length=None,
+        cache=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        is_first_iteration=False,
+        use_cache=True,
+        memory=None,
+        **kwargs,
+    ):
+        if inputs_embeds is not None:
+            raise ValueError("generate: inputs_embeds prompts are not supported by RMT; pass input_ids")
+        inputs = {"use_cache": use_cache, **kwargs}
+        if not use_cache:
+            # Without a decoding state every step re-reads the whole sequence.
+            inputs.update(input_ids=input_ids, attention_mask=attention_mask, memory=memory)
+            return inputs
+        seen = cache.num_tokens if cache is not None else 0
+        inputs.update(
+            input_ids=input_ids[:, seen:],
+            attention_mask=attention_mask[:, seen:] if attention_mask is not None else None,
+            cache=cache,
+            memory=memory if cache is None else None,
+        )
+        return inputs

@@ -1,0 +1,236 @@
+"""Export of a 2-rank ZeRO-3 checkpoint to a Hugging Face folder (issue 7, acceptance 1-2).
+
+Reference logits come from the training side itself: the trainer resumes the checkpoint on
+2 ranks under ZeRO-3 and runs the probe through the DeepSpeed engine (no zero_to_fp32, no
+export code). The exported folder is loaded by a fresh `python -I` that cannot import this
+repository.
+"""
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_export_helpers import REPO_ROOT, TINY_RUN_STEPS, repo_env, tiny_run
+
+from training import export
+
+PROBE_LENGTH = 40  # 2.5 segments of 16: memory carried twice, short last segment
+
+ENGINE_REFERENCE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import load_file, save_file
+    from training.config import load_config
+    from training.distributed import destroy, init_distributed
+    from training.trainer import Trainer
+
+    run, probe_path, out_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist = init_distributed()
+    trainer = Trainer(load_config(run / "config.yaml", world_size=dist.world_size), dist)
+    trainer.setup()
+    resumed = trainer.resume()
+    trainer.engine.eval()
+    with torch.no_grad():
+        logits = trainer.engine(input_ids=load_file(probe_path)["input_ids"]).logits
+    if dist.rank == 0:
+        save_file({"logits": logits.float().contiguous()}, out_path)
+        print("RESUMED", resumed.name)
+    trainer.close()
+    destroy()
+""")
+
+FRESH_LOAD = textwrap.dedent("""
+    import importlib.util, json, sys
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, probe_path, out_path = sys.argv[1:4]
+    leaked = [m for m in ("model", "training") if importlib.util.find_spec(m) is not None]
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = load_file(probe_path)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        prompt = ids[:1, :20]
+        generated = model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        replay = model(input_ids=generated).logits  # teacher-forced over prompt + generated
+    # Greedy means every generated token is the argmax of the teacher-forced logits before it.
+    eos = tok.eos_token_id
+    argmax = replay[0, 19:-1].clone()
+    argmax[:, eos] = float("-inf")  # min_new_tokens bans EOS while generating
+    save_file({"logits": logits, "generated": generated, "replay_argmax": argmax.argmax(-1)}, out_path)
+    print(json.dumps({"leaked": leaked, "class": type(model).__module__, "tokenizer": type(tok).__name__,
+                      "decoded": tok.decode(generated[0, 20:])}))
+""")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("probe") / "probe.safetensors"
+    save_file({"input_ids": torch.randint(0, 64, (2, PROBE_LENGTH))}, str(path))
+    return path
+
+
+def test_zero3_export_reloads_in_fresh_process_with_engine_logits(run, probe, tmp_path):
+    """Acceptance 1: the trainer's end-of-run export, reloaded without the repo, equals the engine."""
+    reference = tmp_path / "engine.safetensors"
+    (tmp_path / "engine_reference.py").write_text(ENGINE_REFERENCE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "engine_reference.py"), str(run), str(probe), str(reference)],
+        cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"RESUMED step_{TINY_RUN_STEPS:08d}" in proc.stdout
+
+    scratch = tmp_path / "elsewhere"
+    scratch.mkdir()
+    (scratch / "load.py").write_text(FRESH_LOAD)
+    out = tmp_path / "fresh.safetensors"
+    env = repo_env()
+    del env["PYTHONPATH"]
+    proc = subprocess.run([sys.executable, "-I", str(scratch / "load.py"), str(run / "export"), str(probe), str(out)],
+                          cwd=scratch, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["leaked"] == []
+    assert report["class"].startswith("transformers_modules.")
+
+    fresh, engine = load_file(str(out)), load_file(str(reference))
+    assert fresh["logits"].shape == (2, PROBE_LENGTH, 64)
+    assert (fresh["logits"] - engine["logits"]).abs().max().item() <= 1e-5
+    assert fresh["generated"].shape == (1, 44)
+    assert torch.equal(fresh["generated"][0, 20:], fresh["replay_argmax"])
+    assert len(report["decoded"].split()) == 24
+
+
+def expected_model_code() -> set[str]:
+    # Every file of the model package except __init__ is imported by the modeling code.
+    return {p.name for p in (REPO_ROOT / "model").glob("*.py")} - {"__init__.py"}
+
+
+HUB_FILES = {"README.md", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+
+
+def test_export_cli_step_sharded_exact_files_and_true_card(run, tmp_path):
+    """Acceptance 2: --step picks the older checkpoint; safetensors only; card numbers from it."""
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.export", "--run", str(run), "--step", "125", "--out", str(out),
+         "--max-shard-size", "200KB"],
+        cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    files = {p.name for p in out.iterdir()}
+    shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 1 and all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", s) for s in shards)
+    assert files == HUB_FILES | expected_model_code() | shards | {"model.safetensors.index.json"}
+    assert not [p for p in out.rglob("*") if p.is_dir()]
+    assert not list(tmp_path.glob(".hf.partial-*"))
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_rmt.RMTConfig",
+                                  "AutoModelForCausalLM": "modeling_rmt.RMTForCausalLM"}
+    # The shards hold exactly the step-125 weights (independent consolidation by DeepSpeed's script).
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    expected = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000125")
+    written = {}
+    for shard in sorted(shards):
+        written.update(load_file(str(out / shard)))
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    later = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000250")
+    assert not torch.equal(later["memory"], written["memory"])
+
+    state = json.loads((run / "checkpoints" / "step_00000125" / "client_state.json").read_text())
+    card = (out / "README.md").read_text()
+    assert state["step"] == 125
+    assert "- steps: 125\n" in card
+    assert f"- tokens seen: {state['tokens_seen']:,}\n" in card
+    assert f"| train/loss | {state['metrics']['train/loss']:.4f} |" in card
+    for line in ("| memory tokens (m) | 8 |", "| segment size (S) | 16 |", "| layers | 2 |",
+                 "| hidden size (d) | 64 |", "| BPTT depth (k) | full |", "- `memory_tasks.tasks`: [copy]",
+                 "- `memory_tasks.span_length`: 3"):
+        assert line in card, line
+    n_params = sum(t.numel() for t in expected.values())
+    assert f"| parameters | {n_params:,} |" in card
+    assert "trust_remote_code=True" in card and "model.generate(" in card
+
+
+def test_card_snippet_runs_and_produces_the_expected_answer(run, tmp_path):
+    """The load-and-generate snippet of the card works as written (repo path swapped for the folder)."""
+    card = (run / "export" / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    expected = card.split("Expected continuation: `")[1].split("`")[0]
+    snippet = re.sub(r'repo = ".*"', f'repo = "{run / "export"}"', snippet)
+    env = repo_env()
+    del env["PYTHONPATH"]
+    proc = subprocess.run([sys.executable, "-I", "-c", snippet], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The trained model copies the 3 symbols (the card's example is a 2-segment copy sample).
+    assert proc.stdout.strip().startswith(expected)
+
+
+def test_occupied_out_is_refused_before_any_work(run, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert export.main(["--run", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "not an empty directory" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step", "7"], "--step 7: no complete checkpoint at that step; complete steps are [125, 250]"),
+    (["--push-to-hub", "not a repo id"], "--push-to-hub 'not a repo id': not a valid repo id"),
+])
+def test_bad_arguments_exit_2_naming_the_flag(run, tmp_path, capsys, args, message):
+    assert export.main(["--run", str(run), "--out", str(tmp_path / "x"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_run_and_incomplete_checkpoint(tmp_path, capsys):
+    assert export.main(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "r" / "checkpoints" / "step_00000010").mkdir(parents=True)  # no COMPLETE marker
+    assert export.main(["--run", str(tmp_path / "r"), "--out", str(tmp_path / "x")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_failed_verification_leaves_nothing_behind(run, tmp_path, monkeypatch):
+    def broken(model, folder):
+        raise export.ExportVerificationError("injected mismatch")
+
+    monkeypatch.setattr(export, "verify_in_fresh_process", broken)
+    with pytest.raises(export.ExportVerificationError):
+        export.export_run(run, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_an_older_export_only_after_verification(run, tmp_path):
+    """What the trainer does at the end of a resumed run: re-export over runs/NAME/export."""
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older step")
+    result = export.export_run(run, out, step=125, overwrite=True)
+    assert result.step == 125
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

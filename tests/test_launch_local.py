@@ -1,0 +1,69 @@
+"""`bash launch/pretrain.sh` on one machine: argument checks, pre-flight, signal relay (SPEC 2.6)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+
+from tests.cluster.env import clean_launch_env
+from tests.cluster.poll import wait_until
+from tests.cluster.runs import complete_steps, tiny_args, train_log
+
+LAUNCHER = "launch/pretrain.sh"
+
+
+def run_launcher(repo_root, args, timeout=120, **env):
+    return subprocess.run(["bash", LAUNCHER, *args], cwd=repo_root, env=clean_launch_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_process_count_is_refused_before_anything_runs(repo_root, tmp_path):
+    result = run_launcher(repo_root, tiny_args(tmp_path / "runs", "n", 2), RMT_NPROC="0")
+    assert result.returncode == 2
+    assert "RMT_NPROC='0' must be a positive integer" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_fails_once_before_ranks_start(repo_root, tmp_path):
+    result = run_launcher(repo_root, tiny_args(tmp_path / "runs", "bad", 2, "optim.lr=-1", "no.such_key=1"))
+    assert result.returncode == 2, result.stderr
+    # One report listing both problems, from the pre-flight, not one per rank from torchrun.
+    assert result.stderr.count("invalid configuration") == 1
+    assert "optim.lr" in result.stderr and "no.such_key" in result.stderr
+    assert "OMP_NUM_THREADS" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sbatch_header_asks_for_multi_node_gpus_and_requeue(repo_root):
+    header = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", (repo_root / LAUNCHER).read_text(), re.M))
+    assert int(header["nodes"]) >= 2 and int(header["gpus-per-node"]) == int(header["ntasks-per-node"])
+    assert "requeue" in header and re.fullmatch(r"B:USR1@\d+", header["signal"])
+    assert "%j" in header["output"] and header["open-mode"] == "append"
+
+
+def test_sigterm_to_launcher_checkpoints_every_rank_and_exits_zero(repo_root, tmp_path):
+    run_dir = tmp_path / "runs" / "loc"
+    args = tiny_args(tmp_path / "runs", "loc", 5000, "checkpoint.every=3", "checkpoint.keep_last=100",
+                     "run.export=false")
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["bash", LAUNCHER, *args], cwd=repo_root, env=clean_launch_env(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: complete_steps(run_dir) or proc.poll() is not None, 300, "a periodic checkpoint",
+                   log_path)
+        assert proc.poll() is None, log_path.read_text()[-4000:]
+        proc.send_signal(signal.SIGTERM)  # what a job scheduler or `kill` sends to the launcher
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log_path.read_text(errors="replace")
+    assert proc.returncode == 0, output[-4000:]
+    assert "on 2 rank(s) (torchrun)" in train_log(run_dir)
+    stopped_at = complete_steps(run_dir)[-1]
+    assert f"stopped on signal, checkpoint saved at step {stopped_at}" in train_log(run_dir)
+    step_dir = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
+    assert sorted(p.name for p in step_dir.glob("rank_*.json")) == ["rank_00000.json", "rank_00001.json"]

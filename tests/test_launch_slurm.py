@@ -1,0 +1,80 @@
+"""`sbatch launch/pretrain.sh` on a real single-node Slurm cluster (issue 4 acceptance 4, issue 5 item 5).
+
+The script's header asks for 2 nodes x 8 GPUs; the sbatch command line overrides it for this
+CPU-only node, as a user would on a CPU cluster. One chain of jobs on one run directory (each job
+start costs tens of seconds on 2 cores):
+  job 1   `scancel --signal=TERM` mid-run   -> complete checkpoint, exit 0
+  job 2   resubmitted with `sbatch --wait`   -> resumes from job 1's checkpoint; then the time-limit
+          warning (SIGUSR1 to the batch shell) -> checkpoint, the script requeues the job, the
+          requeued job resumes again and finishes with every output, and `sbatch --wait` exits 0.
+"""
+from __future__ import annotations
+
+from tests.cluster.fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
+from tests.cluster.poll import wait_until
+from tests.cluster.runs import complete_steps, resumed_step, tiny_args, train_log
+
+CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10"]
+JOB_TIMEOUT_S = 300
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+CHECKPOINTS = ["checkpoint.every=3", "checkpoint.keep_last=100"]
+
+
+def submit(cluster, repo_root, out_dir, args, wait=False):
+    job_id, proc = cluster.sbatch([*CPU_NODE, f"--output={out_dir}/slurm-%j.out", "launch/pretrain.sh", *args],
+                                  cwd=repo_root, wait=wait)
+    return job_id, proc, out_dir / f"slurm-{job_id}.out"
+
+
+def wait_for_checkpoint_after(cluster, job_id, run_dir, step, log):
+    wait_until(lambda: any(s > step for s in complete_steps(run_dir))
+               or cluster.job_field(job_id, "JobState") in FINAL_STATES,
+               JOB_TIMEOUT_S, f"a checkpoint after step {step}", log)
+    assert cluster.job_field(job_id, "JobState") == "RUNNING", log.read_text(errors="replace")[-4000:]
+
+
+def job_result(cluster, job_id) -> tuple[str, str]:
+    return cluster.job_field(job_id, "JobState"), cluster.job_field(job_id, "ExitCode")
+
+
+def test_sbatch_preemption_resubmission_and_requeue_resume_to_full_outputs(slurm_cluster, repo_root, tmp_path):
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "sb"
+
+    # Job 1: a long job, signalled like a preemption once training is under way.
+    job1, _, out1 = submit(slurm_cluster, repo_root, tmp_path,
+                           tiny_args(runs, "sb", 5000, *CHECKPOINTS, "run.export=false"))
+    wait_for_checkpoint_after(slurm_cluster, job1, run_dir, 0, out1)
+    slurm_cluster.run(["scancel", "--signal=TERM", str(job1)])
+    slurm_cluster.wait_job_state(job1, FINAL_STATES, JOB_TIMEOUT_S)
+    assert job_result(slurm_cluster, job1) == ("COMPLETED", "0:0"), out1.read_text(errors="replace")[-4000:]
+    # Two Slurm tasks formed one world through the Slurm rendezvous.
+    assert "on 2 rank(s) (slurm)" in train_log(run_dir)
+    assert "received SIGTERM" in train_log(run_dir)
+    first_stop = complete_steps(run_dir)[-1]
+    assert 3 <= first_stop < 5000
+    assert f"stopped on signal, checkpoint saved at step {first_stop}" in train_log(run_dir)
+
+    # Job 2: the same run resubmitted; it must resume from job 1's checkpoint, not start over.
+    final_step = first_stop + 60
+    job2, sbatch_wait, out2 = submit(slurm_cluster, repo_root, tmp_path,
+                                     tiny_args(runs, "sb", final_step, *CHECKPOINTS), wait=True)
+    wait_for_checkpoint_after(slurm_cluster, job2, run_dir, first_stop, out2)
+    assert resumed_step(run_dir) == [first_stop]
+    # Time-limit warning, as `--signal=B:USR1@180` delivers it: to the batch shell only.
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job2)])
+    wait_until(lambda: slurm_cluster.job_field(job2, "Restarts") == "1", JOB_TIMEOUT_S, "the job to requeue", out2)
+    second_stop = max(complete_steps(run_dir))
+    assert first_stop < second_stop < final_step
+    slurm_cluster.release_requeued(job2)
+    assert sbatch_wait.wait(timeout=JOB_TIMEOUT_S) == 0, out2.read_text(errors="replace")[-4000:]
+
+    log2 = out2.read_text(errors="replace")
+    assert job_result(slurm_cluster, job2) == ("COMPLETED", "0:0"), log2[-4000:]
+    assert "received SIGUSR1" in log2 and f"requeueing job {job2}" in log2
+    assert resumed_step(run_dir) == [first_stop, second_stop]
+    assert complete_steps(run_dir)[-1] == final_step
+    for path in ("config.yaml", "train.log", "tokenizer", "export/config.json", "export/model.safetensors"):
+        assert (run_dir / path).exists(), f"{path} missing; job log:\n{log2[-4000:]}"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # The launcher said where everything goes before training started.
+    assert f"run directory : {run_dir}" in log2 and "tensorboard --logdir" in log2

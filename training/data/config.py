@@ -1,0 +1,173 @@
+"""Data settings: one dataclass per concern, every semantic problem reported by `problems()`.
+
+The trainer's loader (training/config.py) builds these from YAML by dataclass introspection
+(unknown keys and wrong types are rejected there); `problems()` adds the checks that need the
+values: ranges, mixtures, and cheap file-system checks (missing files, globs matching nothing),
+so a bad recipe fails before any model is built.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from training.data.errors import DataSourceError
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+BUILTIN = "builtin"
+MEMORY_TASKS = "memory_tasks"
+TASK_NAMES = ("copy", "reverse", "associative_retrieval")
+
+
+def described(default=None, text: str = "", *, factory=None):
+    """A dataclass field carrying its one-line reference documentation (read by the trainer)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def is_local_pattern(path_or_name: str) -> bool:
+    """A local file or glob (known extension, or an existing path) rather than a hub name."""
+    return (os.path.splitext(path_or_name)[1].lower() in LOCAL_FORMATS
+            or os.path.exists(path_or_name) or any(c in path_or_name for c in "*?["))
+
+
+def resolve_local_files(pattern: str, where: str) -> list[str]:
+    """Sorted files a local pattern names; DataSourceError when none or an unknown format."""
+    files = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
+    if not files:
+        raise DataSourceError(f"{where}: {pattern!r} matches no file; give an existing file or a "
+                              f"glob such as data/*.jsonl")
+    formats = {LOCAL_FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in formats or len(formats) != 1:
+        raise DataSourceError(f"{where}: {pattern!r} matches {files[:3]}...; all files of one "
+                              f"source must share one of the formats {sorted(LOCAL_FORMATS)}")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise DataSourceError(f"{where}: {pattern!r} matches only empty files ({files[:3]})")
+    return files
+
+
+@dataclass
+class SourceConfig:
+    path_or_name: str = described("", "local file/glob (jsonl, json, parquet, txt) or hub name")
+    weight: float = described(1.0, "mixture weight (normalised over the sources)")
+    text_field: str = described("text", "record field holding the document text")
+    split: str = described("train", "dataset split (hub datasets)")
+    config_name: Optional[str] = described(None, "dataset config name (hub datasets)")
+    sample_by: Literal["document", "line", "paragraph"] = described(
+        "document", "txt files: one document per file, line or blank-line paragraph")
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        if not self.path_or_name:
+            out.append(f"{where}.path_or_name: empty; give a local file/glob or a hub dataset name")
+        elif is_local_pattern(self.path_or_name):
+            try:
+                resolve_local_files(self.path_or_name, f"{where}.path_or_name")
+            except DataSourceError as e:
+                out.append(str(e))
+        if not self.weight > 0:
+            out.append(f"{where}.weight: {self.weight} must be > 0")
+        if not self.text_field:
+            out.append(f"{where}.text_field: empty; give the record field that holds the text")
+        return out
+
+
+@dataclass
+class MemoryTaskConfig:
+    tasks: list[str] = described(text="built-in tasks to mix: copy, reverse, associative_retrieval",
+                                 factory=lambda: list(TASK_NAMES))
+    weights: Optional[list[float]] = described(None, "mixture weights of `tasks` (null = equal)")
+    span_length: int = described(6, "symbols to remember (copy/reverse) or key-value pairs "
+                                    "(associative retrieval); every one is a supervised answer")
+    alphabet_size: int = described(8, "distinct symbols the remembered content is drawn from")
+    filler_size: int = described(16, "distinct distractor tokens that fill the other positions")
+
+    def problems(self, where: str) -> list[str]:
+        from training.data.memory_tasks import MAX_ALPHABET, MAX_FILLER  # avoids a cycle
+
+        out = []
+        unknown = [t for t in self.tasks if t not in TASK_NAMES]
+        if not self.tasks or unknown:
+            out.append(f"{where}.tasks: {self.tasks} must be a non-empty list of {list(TASK_NAMES)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            out.append(f"{where}.tasks: {self.tasks} lists a task twice")
+        if self.weights is not None and (len(self.weights) != len(self.tasks)
+                                         or any(not w > 0 for w in self.weights)):
+            out.append(f"{where}.weights: {self.weights} must be null or one positive weight per "
+                       f"task ({len(self.tasks)})")
+        if self.span_length < 1:
+            out.append(f"{where}.span_length: {self.span_length} must be >= 1")
+        if not 2 <= self.alphabet_size <= MAX_ALPHABET:
+            out.append(f"{where}.alphabet_size: {self.alphabet_size} must be in [2, {MAX_ALPHABET}]")
+        elif "associative_retrieval" in self.tasks and self.span_length > self.alphabet_size:
+            out.append(f"{where}.span_length: {self.span_length} key-value pairs need as many "
+                       f"distinct keys; alphabet_size is {self.alphabet_size}")
+        if not 1 <= self.filler_size <= MAX_FILLER:
+            out.append(f"{where}.filler_size: {self.filler_size} must be in [1, {MAX_FILLER}]")
+        return out
+
+
+@dataclass
+class DataConfig:
+    source: Literal["memory_tasks", "text"] = described(
+        MEMORY_TASKS, "memory_tasks (built-in synthetic corpus) or text (the `sources` mixture)")
+    sources: list[SourceConfig] = described(text="text sources mixed by weight", factory=list)
+    eval_sources: list[SourceConfig] = described(
+        text="held-out text sources for eval (empty: use eval_fraction of `sources`)", factory=list)
+    eval_fraction: float = described(0.0, "fraction of documents (by content hash) held out of "
+                                          "`sources` for eval when eval_sources is empty")
+    tokenizer: str = described(BUILTIN, "builtin (memory-task tokenizer), a tokenizer folder "
+                                        "(e.g. from python -m training.tokenizer) or a hub name")
+    packing: Literal["concat", "document"] = described(
+        "concat", "concat: documents joined with EOS; document: every sample starts a document")
+    short_documents: Literal["drop", "pad"] = described(
+        "drop", "document packing: drop (and count) documents shorter than a sample, or pad them")
+    shuffle_buffer: int = described(1000, "documents shuffled together per window; 0 = stream order")
+    prefetch_documents: int = described(4096, "tokenised documents kept ready ahead of the model")
+    memory_tasks: MemoryTaskConfig = described(text="built-in corpus settings",
+                                               factory=MemoryTaskConfig)
+    reshard: bool = described(False, "allow resuming a data state saved with another world size "
+                                     "(see docs: text sources restart at the next epoch)")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.source == MEMORY_TASKS:
+            out += self.memory_tasks.problems("data.memory_tasks")
+            if self.tokenizer != BUILTIN:
+                out.append(f"data.tokenizer: {self.tokenizer!r}; the memory_tasks corpus is "
+                           f"written in its own vocabulary, use tokenizer: {BUILTIN}")
+            if self.sources or self.eval_sources:
+                out.append("data.sources: set, but data.source is memory_tasks; set "
+                           "data.source: text to train on them")
+        else:
+            if not self.sources:
+                out.append("data.sources: empty; data.source text needs at least one source "
+                           "(path_or_name: a local file/glob or a hub dataset name)")
+            if self.tokenizer == BUILTIN:
+                out.append(f"data.tokenizer: {BUILTIN} only covers the memory tasks; give a "
+                           f"tokenizer folder (python -m training.tokenizer) or a hub name")
+            elif is_local_pattern(self.tokenizer) and not os.path.isdir(self.tokenizer):
+                out.append(f"data.tokenizer: {self.tokenizer!r} is not a directory; train one "
+                           f"with python -m training.tokenizer --out DIR or give a hub name")
+        for name in ("sources", "eval_sources"):
+            for i, src in enumerate(getattr(self, name)):
+                out += src.problems(f"data.{name}[{i}]")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            out.append(f"data.eval_fraction: {self.eval_fraction} must be in [0, 1)")
+        if self.shuffle_buffer < 0:
+            out.append(f"data.shuffle_buffer: {self.shuffle_buffer} must be >= 0")
+        if self.prefetch_documents < 1:
+            out.append(f"data.prefetch_documents: {self.prefetch_documents} must be >= 1")
+        return out
+
+    def required_vocab_size(self) -> Optional[int]:
+        """Vocabulary the model needs when it is known without loading files (builtin only)."""
+        if self.tokenizer == BUILTIN:
+            from training.data.memory_tasks import VOCAB
+
+            return len(VOCAB)
+        return None

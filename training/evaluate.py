@@ -1,0 +1,473 @@
+"""Evaluate an RMT (exported folder or training run) against its no-memory controls.
+
+    python -m training.evaluate --model DIR_OR_RUN --task copy|reverse|assoc|text
+                                [--segments 1,2,4,8,16,32] [--data CONFIG_OR_TEXT] [--out DIR]
+
+Every number comes with its controls, computed on the same samples with the same weights:
+  rmt           the model as trained: memory carried from segment to segment
+  no_memory     the backbone alone reading each segment (no memory tokens at all)
+  memory_reset  the RMT reading each segment alone, every segment starting from M0
+
+Memory tasks: exact match of the whole answer per sample (teacher-forced argmax over the answer
+span, which equals greedy generation's exact match; a few samples are re-checked with real
+`generate`) and token accuracy, by number of segments. Text: loss and perplexity by number of
+segments and by segment index. Prints a table, writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from model.segments import shifted_targets
+
+CONDITIONS = ("rmt", "no_memory", "memory_reset")
+TASKS = {"copy": "copy", "reverse": "reverse", "assoc": "associative_retrieval", "text": "text"}
+IGNORE_INDEX = -100
+
+
+class EvalError(Exception):
+    """Bad input, reported before any model is run."""
+
+
+@dataclass
+class EvalSettings:
+    model: Path
+    task: str  # CLI name: copy | reverse | assoc | text
+    segments: list[int]
+    data: str | None = None
+    out: Path | None = None
+    samples: int = 256  # memory tasks: samples per number of segments
+    text_batches: int = 8  # text: batches per number of segments
+    batch_size: int = 32
+    generate_checks: int = 4  # memory tasks: samples re-checked with generate() per segment count
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise EvalError(f"--task {self.task!r}: valid values are {', '.join(TASKS)}")
+        if not self.segments or any(n < 1 for n in self.segments):
+            raise EvalError(f"--segments {self.segments}: give a comma-separated list of integers >= 1")
+        for name in ("samples", "text_batches", "batch_size"):
+            if getattr(self, name) < 1:
+                raise EvalError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.generate_checks < 0:
+            raise EvalError(f"--generate-checks {self.generate_checks}: must be >= 0")
+        if not self.model.is_dir():
+            raise EvalError(f"--model {self.model}: no such directory (an exported folder or runs/NAME)")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    description: dict
+
+
+@dataclass
+class ModelSource:
+    """Where the model comes from, found without loading any weights."""
+
+    path: Path
+    kind: str  # "export" or "run"
+    segment_size: int
+    checkpoint: Path | None = None  # runs: the newest complete checkpoint
+    run_config_path: Path | None = None
+
+
+def find_model(path: Path) -> ModelSource:
+    from training import export
+
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        return ModelSource(path, "export", int(config["segment_size"]))
+    if (path / export.CHECKPOINTS_DIR).is_dir():
+        try:
+            checkpoint = export.resolve_checkpoint(path, None)
+            config = export.read_json(checkpoint / "rmt_config.json")
+        except export.ExportError as exc:
+            raise EvalError(f"--model {path}: {exc}") from None
+        return ModelSource(path, "run", int(config["segment_size"]), checkpoint, path / "config.yaml")
+    raise EvalError(f"--model {path}: neither an exported folder (config.json) nor a run (checkpoints/)")
+
+
+def load_model(source: ModelSource) -> LoadedModel:
+    """An exported folder (through its shipped remote code) or a run's newest checkpoint."""
+    if source.kind == "export":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=True)
+        return LoadedModel(model.eval(), tokenizer, {"model": str(source.path), "kind": "export"})
+    from training import export
+
+    model = export.load_checkpoint_model(source.checkpoint)
+    tokenizer = export.load_run_tokenizer(source.path)
+    step = export.read_json(source.checkpoint / "client_state.json").get("step")
+    return LoadedModel(model, tokenizer, {"model": str(source.path), "kind": "run",
+                                          "checkpoint": source.checkpoint.name, "step": step})
+
+
+def data_section(path: Path):
+    """The `data` section of a recipe or a run's resolved config.yaml, type- and range-checked.
+
+    Only this section is read: the batch arithmetic of a 2-rank recipe is no concern of a
+    1-process evaluation.
+    """
+    import yaml
+
+    from training.config import _build
+    from training.data.config import DataConfig
+
+    if not path.is_file():
+        raise EvalError(f"--data {path}: no such file (a recipe YAML or runs/NAME/config.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    problems: list[str] = []
+    cfg = _build(DataConfig, raw.get("data") or {}, "data", problems)
+    problems += [] if problems else cfg.problems()
+    if problems:
+        raise EvalError(f"--data {path}: " + "; ".join(problems))
+    return cfg
+
+
+def load_data_config(settings: EvalSettings, source_model: ModelSource):
+    """DataConfig from --data (a recipe/config YAML, or for text a file/glob), else the run's config."""
+    from training.data.config import DataConfig, SourceConfig
+
+    source = settings.data
+    if source is None and source_model.run_config_path is not None:
+        source = str(source_model.run_config_path)
+    if source is None:
+        if settings.task == "text":
+            raise EvalError("--data: required for --task text with an exported folder (a config YAML or text files)")
+        return DataConfig()
+    if source.endswith((".yaml", ".yml")):
+        return data_section(Path(source))
+    if settings.task != "text":
+        raise EvalError(f"--data {source}: memory tasks take a config YAML (its data.memory_tasks section)")
+    # Everything in the given files is evaluation text: it is the eval split, read in order.
+    text = [SourceConfig(path_or_name=source)]
+    cfg = DataConfig(source="text", sources=text, eval_sources=text, tokenizer=str(settings.model))
+    problems = [p for p in cfg.problems() if "tokenizer" not in p]
+    if problems:
+        raise EvalError(f"--data {source}: " + "; ".join(problems))
+    return cfg
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+def _backbone_segment_logits(model, input_ids, attention_mask) -> torch.Tensor:
+    # Same position rule as the RMT (positions count real tokens), minus the memory offset.
+    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    return model.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+
+
+def segment_logits(model, condition: str, input_ids, attention_mask) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, end, logits [B, end-start, V]) per segment under one of CONDITIONS."""
+    segment_size = model.config.segment_size
+    memory = None
+    for start in range(0, input_ids.shape[1], segment_size):
+        end = min(start + segment_size, input_ids.shape[1])
+        ids, mask = input_ids[:, start:end], attention_mask[:, start:end]
+        if condition == "no_memory":
+            yield start, end, _backbone_segment_logits(model, ids, mask)
+            continue
+        out = model(input_ids=ids, attention_mask=mask, memory=memory, return_memory=True, return_logits=True)
+        if condition == "rmt":
+            memory = out.memory
+        yield start, end, out.logits
+
+
+def predictions(model, condition: str, input_ids, attention_mask) -> torch.Tensor:
+    """Greedy next-token prediction at every position [B, L]."""
+    return torch.cat([lg.argmax(-1) for _, _, lg in segment_logits(model, condition, input_ids, attention_mask)], 1)
+
+
+# --------------------------------------------------------------------------- memory tasks
+
+
+def answer_scores(predicted: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: (exact match bool [B], correct answer tokens [B], answer tokens [B])."""
+    target = labels[:, 1:]
+    answer = target != IGNORE_INDEX
+    correct = (predicted[:, :-1] == target) & answer
+    if not bool(answer.any(dim=1).all()):
+        raise ValueError("answer_scores: a sample has no answer token (labels are all -100)")
+    return correct.sum(1) == answer.sum(1), correct.sum(1), answer.sum(1)
+
+
+def answer_runs(answer_positions: list[int]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) runs of answer positions (associative retrieval alternates key, value)."""
+    runs = []
+    for p in answer_positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def generated_exact_match(model, input_ids: torch.Tensor, labels: torch.Tensor, pad_token_id: int) -> list[bool]:
+    """Exact match by real greedy decoding: each answer run is generated from the true prefix.
+
+    Tokens between runs (associative retrieval's query keys) are given, as in teacher forcing.
+    """
+    matches = []
+    for row in range(input_ids.shape[0]):
+        positions = (labels[row] != IGNORE_INDEX).nonzero().flatten().tolist()
+        ok = True
+        for start, end in answer_runs(positions):
+            prompt = input_ids[row : row + 1, :start]
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=end - start,
+                                 do_sample=False, pad_token_id=pad_token_id)
+            generated = out[0, start:]
+            ok = ok and generated.shape[0] == end - start and torch.equal(generated, labels[row, start:end])
+        matches.append(ok)
+    return matches
+
+
+def evaluate_memory_task(model, tokenizer, settings: EvalSettings, task_cfg) -> dict:
+    from training.data.memory_tasks import make_eval_batch
+
+    task = TASKS[settings.task]
+    rows = []
+    checks = {"samples": 0, "agree": 0}
+    for n_seg in settings.segments:
+        batch = make_eval_batch(task, n_seg, model.config.segment_size, settings.samples, settings.seed, cfg=task_cfg)
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        totals = {c: torch.zeros(3, dtype=torch.long) for c in CONDITIONS}  # exact, correct, answer tokens
+        rmt_exact = []
+        for lo in range(0, ids.shape[0], settings.batch_size):
+            sl = slice(lo, lo + settings.batch_size)
+            for condition in CONDITIONS:
+                exact, correct, count = answer_scores(predictions(model, condition, ids[sl], mask[sl]), labels[sl])
+                totals[condition] += torch.stack([exact.sum(), correct.sum(), count.sum()])
+                if condition == "rmt":
+                    rmt_exact.append(exact)
+        k = min(settings.generate_checks, ids.shape[0])
+        if k:
+            generated = generated_exact_match(model, ids[:k], labels[:k], tokenizer.pad_token_id)
+            teacher_forced = torch.cat(rmt_exact)[:k].tolist()
+            checks["samples"] += k
+            checks["agree"] += sum(g == t for g, t in zip(generated, teacher_forced))
+        rows.append({
+            "num_segments": n_seg,
+            "tokens": int(ids.shape[1]),
+            "samples": int(ids.shape[0]),
+            **{c: {"exact_match": t[0].item() / ids.shape[0], "token_accuracy": t[1].item() / t[2].item()}
+               for c, t in totals.items()},
+        })
+    return {"metric": "exact_match", "results": rows, "generate_check": checks}
+
+
+# --------------------------------------------------------------------------- text
+
+
+def segment_token_losses(model, condition: str, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum [N], target count [N]) per segment index, targets shifted over the whole sequence."""
+    targets = shifted_targets(labels, attention_mask)
+    sums, counts = [], []
+    for start, end, logits in segment_logits(model, condition, input_ids, attention_mask):
+        y = targets[:, start:end]
+        sums.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="sum"))
+        counts.append((y != IGNORE_INDEX).sum())
+    return torch.stack(sums).double(), torch.stack(counts)
+
+
+def evaluate_text(model, tokenizer, settings: EvalSettings, data_cfg) -> dict:
+    from training.data import build_pipeline
+
+    rows = []
+    pipe = build_pipeline(data_cfg, tokenizer, segment_size=model.config.segment_size,
+                          micro_batch_size=settings.batch_size, rank=0, world_size=1,
+                          seed=settings.seed, split="eval")
+    start = pipe.state_dict()
+    try:
+        for n_seg in settings.segments:
+            pipe.load_state_dict(start)  # every segment count reads the eval stream from its start
+            sums = {c: torch.zeros(n_seg, dtype=torch.float64) for c in CONDITIONS}
+            counts = {c: torch.zeros(n_seg, dtype=torch.long) for c in CONDITIONS}
+            for _ in range(settings.text_batches):
+                batch = pipe.next_batch(n_seg)
+                for condition in CONDITIONS:
+                    s, n = segment_token_losses(model, condition, batch["input_ids"], batch["attention_mask"],
+                                                batch["labels"])
+                    sums[condition] += s
+                    counts[condition] += n
+            rows.append(text_row(n_seg, model.config.segment_size, sums, counts))
+    finally:
+        pipe.close()
+    return {"metric": "loss", "results": rows}
+
+
+def text_row(n_seg: int, segment_size: int, sums: dict, counts: dict) -> dict:
+    row = {"num_segments": n_seg, "tokens": n_seg * segment_size}
+    for condition in CONDITIONS:
+        loss = (sums[condition].sum() / counts[condition].sum()).item()
+        per_segment = (sums[condition] / counts[condition].clamp(min=1)).tolist()
+        row[condition] = {"loss": loss, "ppl": math.exp(loss), "segment_losses": per_segment,
+                          "targets": int(counts[condition].sum())}
+    return row
+
+
+# --------------------------------------------------------------------------- report
+
+
+def format_table(report: dict) -> str:
+    metric = report["metric"]
+    header = f"{'segments':>8} {'tokens':>7} " + " ".join(f"{c:>13}" for c in CONDITIONS)
+    lines = [f"{report['task']} ({metric}; {report['model']['model']})", header]
+    for row in report["results"]:
+        cells = []
+        for c in CONDITIONS:
+            cells.append(f"{row[c]['exact_match']:>13.3f}" if metric == "exact_match"
+                         else f"{row[c]['loss']:>6.3f} ({row[c]['ppl']:>5.1f})")
+        lines.append(f"{row['num_segments']:>8} {row['tokens']:>7} " + " ".join(cells))
+    if "generate_check" in report:
+        g = report["generate_check"]
+        lines.append(f"generate() re-check: {g['agree']}/{g['samples']} samples agree with teacher-forced exact match")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    xs = [r["num_segments"] for r in rows]
+    metric = "exact_match" if report["metric"] == "exact_match" else "loss"
+    panels = 1 if metric == "exact_match" else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for c in CONDITIONS:
+        ax.plot(xs, [r[c][metric] for r in rows], marker="o", label=c)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of segments")
+    ax.set_ylabel("exact match" if metric == "exact_match" else "loss (nats/token)")
+    ax.set_title(f"{report['task']}: {metric.replace('_', ' ')} vs segments")
+    ax.legend()
+    if panels == 2:
+        longest = rows[-1]
+        ax = axes[0][1]
+        for c in CONDITIONS:
+            ax.plot(range(1, longest["num_segments"] + 1), longest[c]["segment_losses"], marker=".", label=c)
+        ax.set_xlabel("segment index")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(f"loss by segment index ({longest['num_segments']} segments)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def default_out_dir(source: ModelSource) -> Path:
+    # Never inside an exported folder: its file list is what a hub user downloads.
+    return source.path / "eval" if source.kind == "run" else source.path.parent / f"{source.path.name}_eval"
+
+
+def single_task_config(data_cfg, task: str, segments: list[int], segment_size: int):
+    """The run's memory-task settings restricted to `task`, checked at every segment count."""
+    from training.data.config import MemoryTaskConfig
+    from training.data.memory_tasks import check_layout
+
+    task_cfg = MemoryTaskConfig(**{**data_cfg.memory_tasks.__dict__, "tasks": [task], "weights": None})
+    for n_seg in segments:
+        try:
+            check_layout(task_cfg, n_seg, segment_size)
+        except ValueError as exc:
+            raise EvalError(f"--segments {n_seg}: {exc}") from None
+    return task_cfg
+
+
+def evaluate(settings: EvalSettings) -> tuple[dict, Path, Path]:
+    """Run the evaluation; returns (report, json path, png path). Inputs are checked before loading."""
+    settings.validate()
+    source = find_model(settings.model)
+    data_cfg = load_data_config(settings, source)
+    if settings.task != "text":
+        task_cfg = single_task_config(data_cfg, TASKS[settings.task], settings.segments, source.segment_size)
+    out_dir = settings.out or default_out_dir(source)
+    loaded = load_model(source)
+    model = loaded.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    with torch.no_grad():
+        if settings.task == "text":
+            body = evaluate_text(model, loaded.tokenizer, settings, data_cfg)
+        else:
+            body = evaluate_memory_task(model, loaded.tokenizer, settings, task_cfg)
+    report = {
+        "task": settings.task,
+        "model": loaded.description,
+        "segment_size": model.config.segment_size,
+        "num_mem_tokens": model.config.num_mem_tokens,
+        "seed": settings.seed,
+        "conditions": {
+            "rmt": "memory carried across segments",
+            "no_memory": "backbone alone on each segment, no memory tokens",
+            "memory_reset": "RMT on each segment alone, memory reset to M0",
+        },
+        **body,
+    }
+    json_path, png_path = out_dir / f"{settings.task}.json", out_dir / f"{settings.task}.png"
+    json_path.write_text(json.dumps(report, indent=2))
+    plot(report, png_path)
+    return report, json_path, png_path
+
+
+def parse_segments(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of integers, e.g. 1,2,4,8")
+
+
+def parse_args(argv=None) -> EvalSettings:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="exported folder or runs/NAME")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--segments", type=parse_segments, default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--data", default=None,
+                        help="config YAML whose data section describes the tasks/text (default: the run's), "
+                             "or for --task text a text file/glob")
+    parser.add_argument("--out", type=Path, default=None, help="output directory for TASK.json and TASK.png")
+    parser.add_argument("--samples", type=int, default=256, help="memory tasks: samples per segment count")
+    parser.add_argument("--text-batches", type=int, default=8, help="text: batches per segment count")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--generate-checks", type=int, default=4,
+                        help="memory tasks: samples per segment count re-checked with generate()")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    return EvalSettings(**vars(args))
+
+
+def main(argv=None) -> int:
+    settings = parse_args(argv)
+    try:
+        report, json_path, png_path = evaluate(settings)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

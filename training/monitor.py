@@ -1,0 +1,124 @@
+"""What a run reports: TensorBoard scalars (SPEC 2.4), metrics.jsonl, train.log, progress bar.
+
+Only rank 0 writes; other ranks get a Monitor whose methods do nothing but log warnings.
+Scalar tags (TensorBoard groups by the prefix before '/'):
+  train/loss, train/ppl, train/loss_segment_{i}, train/lr, train/grad_norm, train/skipped_steps,
+  train/tokens_per_s, train/samples_seen, train/num_segments, train/step_time_s, train/mfu (GPU),
+  system/memory_gb (GPU: peak allocated; CPU: resident set size),
+  eval/loss, eval/loss_segment_{i}, eval/memory_exact_match_{n}seg, eval/memory_token_acc_{n}seg
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("training")
+
+# Dense bf16 peak TFLOP/s per device, for MFU when logging.peak_tflops is not given.
+PEAK_TFLOPS_BY_GPU_NAME = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+                           "A10G": 125.0, "A10": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+def memory_gb() -> float:
+    """Peak accelerator memory on GPUs; resident set size of this process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_flops_per_device(configured_tflops: Optional[float]) -> Optional[float]:
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS_BY_GPU_NAME.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def setup_logging(log_file: Optional[Path], rank: int) -> None:
+    """train.log + console on rank 0; warnings only elsewhere, tagged with the rank."""
+    root = logging.getLogger("training")
+    root.handlers.clear()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if log_file is not None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def segment_scalars(prefix: str, segment_losses: list[float]) -> dict[str, float]:
+    return {f"{prefix}/loss_segment_{i}": v for i, v in enumerate(segment_losses)
+            if not math.isnan(v)}
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress_bar: bool,
+                 start_step: int, max_steps: int):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        self.metrics_file = None
+        if not enabled:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        if progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, 0)
+
+    def scalars(self, step: int, values: dict[str, float], kind: str) -> None:
+        """Record `values` at `step` in TensorBoard and as one JSON line of metrics.jsonl."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        # repr-exact floats: the resume test compares losses bit for bit.
+        self.metrics_file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self.metrics_file.flush()
+
+    def advance(self, steps: int, postfix: dict[str, str]) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()

@@ -1,0 +1,193 @@
+"""Pretrain an RMT: `python -m training.pretrain --config configs/NAME.yaml [key.path=value ...]`.
+
+Config precedence: dataclass defaults < the recipe YAML < `key.path=value` overrides (see
+training/config.py). The whole config is validated before anything starts: a bad one prints
+every problem at once and exits 2 without creating the run directory.
+
+Exit codes: 0 trained (or saved and stopped on SIGTERM/SIGUSR1), 2 bad input (config, checkpoint,
+data state, precision the accelerator lacks), 3 aborted after guard.max_nonfinite_in_a_row
+non-finite steps in a row (the checkpoints on disk are left as they were), anything else: a crash
+(e.g. 1 when a peer rank died and a collective failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import warnings
+from typing import Optional
+
+from training.config import ConfigError, TrainConfig, load_config
+
+DEFAULT_RECIPE = "configs/tiny_cpu.yaml"
+EXIT_BAD_INPUT = 2
+log = logging.getLogger("training")
+
+
+def launch_world_size(env=os.environ) -> int:
+    """World size the launcher announces, read before any process group exists (for validation).
+    Falls back to 1 when the launcher does not say; the trainer re-checks after rendezvous."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    if "SLURM_STEP_ID" in env and env.get("SLURM_NTASKS", "").isdigit():
+        return int(env["SLURM_NTASKS"])
+    return 1
+
+
+def launch_rank(env=os.environ) -> int:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 0
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.pretrain", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_RECIPE, help="recipe YAML "
+                        f"(default {DEFAULT_RECIPE})")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="config overrides, e.g. optim.lr=3e-4 run.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def where(cfg: TrainConfig) -> str:
+    run = cfg.run_dir
+    return "\n".join([
+        f"  run directory : {run}",
+        f"  config        : {run / 'config.yaml'}",
+        f"  log file      : {run / 'train.log'}",
+        f"  tensorboard   : tensorboard --logdir {run / 'tensorboard'}",
+        f"  checkpoints   : {run / 'checkpoints'}",
+        f"  export        : {run / 'export'}" + ("" if cfg.run.export else " (run.export=false)"),
+    ])
+
+
+def fail(message: str, rank: int) -> int:
+    if rank == 0:
+        print(message, file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    # torch warns on every ZeRO-3 all-gather that DeepSpeed 0.19 issues; once is plenty.
+    warnings.filterwarnings("once", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    args = parse_args(argv)
+    rank_hint = launch_rank()
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=launch_world_size())
+    except ConfigError as e:
+        return fail(e.report(), rank_hint)
+
+    from training.distributed import DistributedSetupError, destroy, init_distributed
+
+    try:
+        dist = init_distributed()
+    except DistributedSetupError as e:
+        return fail(f"launch environment: {e}", rank_hint)
+    problems = cfg.batch.problems(dist.world_size) + precision_problems(cfg)
+    if problems:
+        destroy()
+        return fail(ConfigError(problems).report(), dist.rank)
+    from training.checkpoint import CHECKPOINTS_DIR, CheckpointError, resolve_resume, verify_checkpoint
+
+    try:
+        # Before anything is written: a damaged or mismatched checkpoint is bad input, and
+        # `auto` never falls back to an older checkpoint or to a fresh start behind the user's back.
+        resume_from = resolve_resume(cfg.run_dir / CHECKPOINTS_DIR, cfg.checkpoint.resume)
+        if resume_from is not None:
+            verify_checkpoint(resume_from, dist.world_size, cfg.data.reshard)
+    except CheckpointError as e:
+        destroy()
+        return fail(f"cannot resume: {e}", dist.rank)
+
+    status = _run(cfg, dist, resume_from)
+    destroy()
+    if status == 0 and dist.rank == 0 and cfg.run.export:
+        status = _export(cfg)
+    return status
+
+
+def precision_problems(cfg: TrainConfig) -> list[str]:
+    """deepspeed.precision the accelerator cannot train in (e.g. fp16 on DeepSpeed's CPU
+    accelerator, which DeepSpeed refuses only after the model is built)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    supported = {"fp32": True, "bf16": accel.is_bf16_supported(),
+                 "fp16": accel.is_fp16_supported()}
+    if supported[cfg.deepspeed.precision]:
+        return []
+    valid = ", ".join(k for k, ok in supported.items() if ok)
+    return [f"deepspeed.precision: {cfg.deepspeed.precision} is not supported by DeepSpeed's "
+            f"{accel.device_name()} accelerator (valid here: {valid})"]
+
+
+def _run(cfg: TrainConfig, dist, resume_from) -> int:
+    from training.checkpoint import CheckpointError
+    from training.data.errors import DataStateError
+    from training.distributed import barrier
+    from training.monitor import Monitor, setup_logging
+    from training.trainer import EXIT_NONFINITE, NonFiniteAbort, Trainer
+
+    run_dir = cfg.run_dir
+    if dist.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    barrier()
+    setup_logging(run_dir / "train.log" if dist.rank == 0 else None, dist.rank)
+    log.info("run %s on %d rank(s) (%s), ZeRO-%d, %s\n%s", cfg.run.name, dist.world_size,
+             dist.launcher, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, where(cfg))
+
+    trainer = Trainer(cfg, dist)
+    monitor = None
+    try:
+        trainer.setup()
+        try:
+            if resume_from is not None:
+                trainer.resume(resume_from)
+        except (CheckpointError, DataStateError) as e:
+            return fail(f"cannot resume: {e}", dist.rank)
+        monitor = Monitor(run_dir, enabled=dist.rank == 0, tensorboard=cfg.logging.tensorboard,
+                          progress_bar=cfg.logging.progress_bar, start_step=trainer.step,
+                          max_steps=cfg.run.max_steps)
+        outcome = trainer.train(monitor)
+    except NonFiniteAbort as e:
+        log.error("%s", e)
+        return EXIT_NONFINITE
+    finally:
+        if monitor is not None:
+            monitor.close()
+        trainer.close()
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(trainer.latest_metrics.items())
+                        if k.startswith("eval/"))
+    log.info("%s at step %d (%s)\n%s", "stopped on signal, checkpoint saved" if outcome ==
+             "preempted" else "finished", trainer.step, metrics, where(cfg))
+    if outcome == "preempted":
+        return 0
+    return 0 if trainer.step >= cfg.run.max_steps else 1
+
+
+def _export(cfg: TrainConfig) -> int:
+    """Export the final checkpoint to run_dir/export, replacing an export of an older step."""
+    from training.export import export_run
+
+    out = cfg.run_dir / "export"
+    staging = cfg.run_dir / "export.new"
+    shutil.rmtree(staging, ignore_errors=True)
+    result = export_run(cfg.run_dir, out_dir=staging, step=None)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(staging, out)
+    log.info("exported step %d to %s (reload max |logit diff| %.2e)", result.step, out,
+             result.max_abs_logit_diff)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
