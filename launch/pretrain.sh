@@ -2,8 +2,8 @@
 # Pretraining launcher: one machine, or a Slurm job.
 #
 #   bash launch/pretrain.sh [--config configs/NAME.yaml] [key.path=value ...]
-#       every local GPU (torchrun, one process per GPU), or RMT_CPU_PROCS (default 2) CPU processes
-#       when there is no GPU. RMT_NPROC overrides the process count in both cases.
+#       every local GPU (torchrun, one process per GPU), or 2 CPU processes when there is no GPU.
+#       RMT_NPROC=N overrides the process count in both cases.
 #   sbatch [sbatch options] launch/pretrain.sh [same arguments]
 #       one task per GPU on every node of the allocation (srun); rank and rendezvous come from the
 #       Slurm environment (training/distributed.py). Options given to sbatch override the header,
@@ -15,9 +15,9 @@
 # next step boundary and exits 0. After a SIGUSR1 this script requeues the job; a requeued job runs
 # the same command and the trainer resumes from the newest complete checkpoint of the run.
 #
-# Environment: RMT_NPROC (processes on this machine), RMT_CPU_PROCS (CPU default, 2), PYTHON
-# (interpreter, default python3), RMT_ROOT (repository; default: the sbatch submit directory or
-# this script's parent).
+# Environment: RMT_NPROC (processes on this machine, local runs), PYTHON (interpreter, default
+# python3), RMT_ROOT (repository; default: the sbatch submit directory, else this script's parent).
+# On CPU the launcher preloads jemalloc (or tunes glibc malloc) unless LD_PRELOAD or MALLOC_* is set.
 #
 #SBATCH --job-name=rmt-pretrain
 #SBATCH --nodes=2
@@ -166,7 +166,7 @@ launch_local() {
     if [[ "$gpus" -gt 0 ]]; then
         nproc=${RMT_NPROC:-$gpus}
     else
-        nproc=${RMT_NPROC:-${RMT_CPU_PROCS:-2}}
+        nproc=${RMT_NPROC:-2}
         configure_cpu_allocator
     fi
     positive_int RMT_NPROC "$nproc"

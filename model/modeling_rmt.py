@@ -197,9 +197,9 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep={logits_to_keep!r}: valid values are integers >= 0 (0 = all)")
         tokens = input_ids if input_ids is not None else inputs_embeds
-        batch, length = tokens.shape[0], tokens.shape[1]
-        if tokens.dim() != (2 if input_ids is not None else 3) or length == 0:
+        if tokens.dim() != (2 if input_ids is not None else 3) or tokens.shape[1] == 0:
             raise ValueError(f"forward: expected a non-empty [B, L] batch, got shape {tuple(tokens.shape)}")
+        batch, length = tokens.shape[0], tokens.shape[1]
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, L) = {(batch, length)}"

@@ -5,12 +5,44 @@ import os
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 from tests.cluster.env import clean_launch_env
 from tests.cluster.poll import wait_until
 from tests.cluster.runs import complete_steps, tiny_args, train_log
 
 LAUNCHER = "launch/pretrain.sh"
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def training_processes_with(pid: int, library: Path) -> int:
+    """How many `-m training.pretrain` processes under `pid` have `library` mapped."""
+    count = 0
+    for child in descendants(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            maps = Path(f"/proc/{child}/maps").read_text()
+        except OSError:
+            continue
+        if b"training.pretrain" in cmdline and b"torch.distributed.run" not in cmdline:
+            count += str(library) in maps
+    return count
 
 
 def run_launcher(repo_root, args, timeout=120, **env):
@@ -54,6 +86,8 @@ def test_sigterm_to_launcher_checkpoints_every_rank_and_exits_zero(repo_root, tm
         wait_until(lambda: complete_steps(run_dir) or proc.poll() is not None, 300, "a periodic checkpoint",
                    log_path)
         assert proc.poll() is None, log_path.read_text()[-4000:]
+        if JEMALLOC.is_file():  # CPU allocator: both ranks run on jemalloc (resident memory stays flat)
+            assert training_processes_with(proc.pid, JEMALLOC) == 2
         proc.send_signal(signal.SIGTERM)  # what a job scheduler or `kill` sends to the launcher
         proc.wait(timeout=240)
     finally:

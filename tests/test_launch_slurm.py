@@ -55,7 +55,7 @@ def test_sbatch_preemption_resubmission_and_requeue_resume_to_full_outputs(slurm
     assert f"stopped on signal, checkpoint saved at step {first_stop}" in train_log(run_dir)
 
     # Job 2: the same run resubmitted; it must resume from job 1's checkpoint, not start over.
-    final_step = first_stop + 60
+    final_step = first_stop + 15  # room for the signal to land mid-run, few periodic saves after it
     job2, sbatch_wait, out2 = submit(slurm_cluster, repo_root, tmp_path,
                                      tiny_args(runs, "sb", final_step, *CHECKPOINTS), wait=True)
     wait_for_checkpoint_after(slurm_cluster, job2, run_dir, first_stop, out2)

@@ -29,6 +29,7 @@ def run_args(run_dir: Path, *extra: str) -> list[str]:
 
 
 def console_path(run_dir: Path, rank: int | None = None) -> Path:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     suffix = "" if rank is None else f".rank{rank}"
     return run_dir.parent / f"{run_dir.name}.console{suffix}.log"
 

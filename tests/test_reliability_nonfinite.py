@@ -24,8 +24,9 @@ GUARD = ["run.max_steps=20", "checkpoint.every=2", "checkpoint.keep_last=5",
          "guard.inject_rank=1"]
 
 
-@pytest.mark.parametrize("precision,kind", [("fp32", "loss"), ("fp32", "grad"),
-                                            ("bf16", "grad")])
+# Both precisions DeepSpeed's CPU accelerator trains in, and both ways to poison a step: a NaN
+# loss (every gradient NaN too) and a NaN gradient under a finite loss (only the hooks see it).
+@pytest.mark.parametrize("precision,kind", [("fp32", "loss"), ("bf16", "grad")])
 def test_nonfinite_skipped_on_every_rank_counted_and_k_in_a_row_abort(precision, kind, tmp_path):
     run_dir = tmp_path / f"{precision}_{kind}"
     proc = launch_torchrun(run_dir, *GUARD, f"deepspeed.precision={precision}",

@@ -35,8 +35,9 @@ COMPLETE_MARKER = "COMPLETE"
 STEP_DIR_PATTERN = re.compile(r"^step_(\d{8})$")
 CRASH_ENV = "RMT_TEST_CRASH_AT"
 # The points of CheckpointManager.save, in order, where a test may kill a rank.
-SAVE_PHASES = ("start", "model_files", "rank_file_partial", "rank_file", "before_marker",
-               "marker_partial", "after_marker", "after_prune")
+# (Before the first and after the last, a crash is a crash between steps: nothing of this save.)
+SAVE_PHASES = ("model_files", "rank_file_partial", "rank_file", "before_marker", "marker_partial",
+               "after_marker")
 
 
 class CheckpointError(RuntimeError):
@@ -208,7 +209,6 @@ class CheckpointManager:
         def crash(phase: str) -> Callable[[], None]:
             return lambda: crash_point(phase, self.rank, step)
 
-        crash("start")()
         if self.rank == 0 and ckpt.exists():
             # A folder at a step we are about to save is the leftover of a crashed save (resume
             # starts from the newest complete one) or of a run the user chose not to resume.
@@ -228,7 +228,6 @@ class CheckpointManager:
                               crash("marker_partial"))
             crash("after_marker")()
             self.prune()
-            crash("after_prune")()
         self.barrier()
         return ckpt
 

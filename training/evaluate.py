@@ -442,17 +442,19 @@ def parse_args(argv=None) -> EvalSettings:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="exported folder or runs/NAME")
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--segments", type=parse_segments, default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--segments", type=parse_segments, default=[1, 2, 4, 8, 16, 32],
+                        help="comma-separated numbers of segments (default 1,2,4,8,16,32)")
     parser.add_argument("--data", default=None,
-                        help="config YAML whose data section describes the tasks/text (default: the run's), "
-                             "or for --task text a text file/glob")
+                        help="config YAML whose data section describes the tasks/text (default: the run's "
+                             "config.yaml; for an exported folder, the built-in task defaults), or for "
+                             "--task text a text file/glob")
     parser.add_argument("--out", type=Path, default=None, help="output directory for TASK.json and TASK.png")
     parser.add_argument("--samples", type=int, default=256, help="memory tasks: samples per segment count")
     parser.add_argument("--text-batches", type=int, default=8, help="text: batches per segment count")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--generate-checks", type=int, default=4,
                         help="memory tasks: samples per segment count re-checked with generate()")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out samples / eval stream")
     args = parser.parse_args(argv)
     return EvalSettings(**vars(args))
 

@@ -123,16 +123,12 @@ def load_checkpoint_model(checkpoint_dir: Path):
     config = RMTConfig.from_dict(read_json(checkpoint_dir / "rmt_config.json"))
     model = RMTForCausalLM(config).float()
     state_dict = consolidate_checkpoint(checkpoint_dir)
+    # DeepSpeed's consolidation and module state dicts both list tied weights under every name.
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    # Tied weights may be stored once; anything else missing means the checkpoint is not this model.
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ExportError(
             f"{checkpoint_dir}: weights do not match rmt_config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     return model.eval()
 
 
