@@ -116,3 +116,23 @@ def test_crash_at_every_save_phase_resumes_from_newest_complete(reference, tmp_p
     losses = train_losses(run_dir)
     for step in range(1, STEPS + 1):
         assert losses[step] == reference[step], (step, losses[step], reference[step])
+
+
+@pytest.mark.parametrize("complete,partial,keep,left", [
+    ([2, 4], [3, 6], 1, [4, 6]),     # newest complete kept; a newer partial is not ours to judge
+    ([4], [], 1, [4]),               # the only complete one survives
+    ([], [1, 2], 1, [1, 2]),         # nothing complete: nothing is deleted
+    ([1, 2, 3], [], 2, [2, 3]),
+])
+def test_keep_last_k_never_deletes_the_newest_complete(tmp_path, complete, partial, keep, left):
+    from training.checkpoint import CheckpointManager
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in complete + partial:
+        folder = root / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "rank_00000.json").write_text("{}")
+        if step in complete:
+            (folder / "COMPLETE").write_text("{}")
+    CheckpointManager(tmp_path / "run", 0, keep, lambda: None).prune()
+    assert all_steps(tmp_path / "run") == left

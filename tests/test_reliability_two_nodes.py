@@ -244,12 +244,15 @@ def test_zero3_across_two_nodes_matches_one_node_and_survives_a_node_loss(cluste
     newest = complete(run_dir)[-1]
     assert newest < STEPS
 
-    # The node comes back (ReturnToService=2) while the requeued job is still held; only then
-    # is the hold lifted, so the job never starts on a node that is still re-registering.
-    cluster.start_slurmd("n2")
+    # The requeued job is held until the node is back and IDLE: allocated in the same second as
+    # n2 re-registers, slurmctld (22.05) keeps n2 IDLE inside the job's allocation and the step
+    # waits forever for "busy" nodes.
+    assert cluster.client(["scontrol", "hold", str(job)]).returncode == 0
+    cluster.start_slurmd("n2")  # ReturnToService=2: back in service when it registers
     wait_until(lambda: cluster.idle_nodes() == set(NODES), 120, "n2 back and IDLE",
                cluster.root / "slurmctld.log")
-    cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    assert cluster.client(["scontrol", "release", str(job)]).returncode == 0
+    cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # no requeue delay
     wait_until(lambda: cluster.job_field(job, "JobState") in FAILED + ("COMPLETED",), 400,
                "the requeued job to finish", out)
     assert cluster.job_field(job, "JobState") == "COMPLETED", log()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import warnings
 from typing import Optional
@@ -78,6 +77,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # torch warns on every ZeRO-3 all-gather that DeepSpeed 0.19 issues; once is plenty.
     warnings.filterwarnings("once", message=".*all_gather_into_tensor.*", category=FutureWarning)
     args = parse_args(argv)
+    from training.trainer import install_stop_signal_handlers
+    install_stop_signal_handlers()
     rank_hint = launch_rank()
     try:
         cfg = load_config(args.config, args.overrides, world_size=launch_world_size())
@@ -106,9 +107,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         destroy()
         return fail(f"cannot resume: {e}", dist.rank)
 
-    status = _run(cfg, dist, resume_from)
+    status, outcome = _run(cfg, dist, resume_from)
     destroy()
-    if status == 0 and dist.rank == 0 and cfg.run.export:
+    # A preempted run exports nothing: the signal's grace period is for the checkpoint, and the
+    # requeued job exports when it finishes.
+    if status == 0 and outcome == "done" and dist.rank == 0 and cfg.run.export:
         status = _export(cfg)
     return status
 
@@ -128,7 +131,8 @@ def precision_problems(cfg: TrainConfig) -> list[str]:
             f"{accel.device_name()} accelerator (valid here: {valid})"]
 
 
-def _run(cfg: TrainConfig, dist, resume_from) -> int:
+def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
+    """Train; returns (exit status, outcome: 'done' | 'preempted' | 'failed')."""
     from training.checkpoint import CheckpointError
     from training.data.errors import DataStateError
     from training.distributed import barrier
@@ -152,14 +156,14 @@ def _run(cfg: TrainConfig, dist, resume_from) -> int:
             if resume_from is not None:
                 trainer.resume(resume_from)
         except (CheckpointError, DataStateError) as e:
-            return fail(f"cannot resume: {e}", dist.rank)
+            return fail(f"cannot resume: {e}", dist.rank), "failed"
         monitor = Monitor(run_dir, enabled=dist.rank == 0, tensorboard=cfg.logging.tensorboard,
                           progress_bar=cfg.logging.progress_bar, start_step=trainer.step,
                           max_steps=cfg.run.max_steps)
         outcome = trainer.train(monitor)
     except NonFiniteAbort as e:
         log.error("%s", e)
-        return EXIT_NONFINITE
+        return EXIT_NONFINITE, "failed"
     finally:
         if monitor is not None:
             monitor.close()
@@ -169,8 +173,8 @@ def _run(cfg: TrainConfig, dist, resume_from) -> int:
     log.info("%s at step %d (%s)\n%s", "stopped on signal, checkpoint saved" if outcome ==
              "preempted" else "finished", trainer.step, metrics, where(cfg))
     if outcome == "preempted":
-        return 0
-    return 0 if trainer.step >= cfg.run.max_steps else 1
+        return 0, outcome
+    return (0, outcome) if trainer.step >= cfg.run.max_steps else (1, "failed")
 
 
 def _export(cfg: TrainConfig) -> int:
@@ -178,12 +182,8 @@ def _export(cfg: TrainConfig) -> int:
     from training.export import export_run
 
     out = cfg.run_dir / "export"
-    staging = cfg.run_dir / "export.new"
-    shutil.rmtree(staging, ignore_errors=True)
-    result = export_run(cfg.run_dir, out_dir=staging, step=None)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(staging, out)
+    # export_run stages into a sibling folder and replaces `out` only after the reload check passes.
+    result = export_run(cfg.run_dir, out_dir=out, step=None, overwrite=True)
     log.info("exported step %d to %s (reload max |logit diff| %.2e)", result.step, out,
              result.max_abs_logit_diff)
     return 0

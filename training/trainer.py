@@ -122,6 +122,27 @@ def build_model(cfg: TrainConfig, rank: int, ds_config: dict) -> torch.nn.Module
     return model
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop_signals_received: list[int] = []
+
+
+def install_stop_signal_handlers() -> None:
+    """SIGTERM / SIGUSR1 (Slurm preemption, time-limit warning) ask every rank to save at the next
+    step boundary and exit 0. Installed first thing in the entry point: a signal that arrives
+    during start-up or resume must not kill the rank (SIGUSR1's default action terminates)."""
+    def record(signum, frame):
+        _stop_signals_received.append(signum)
+        log.warning("received %s: saving at the next step boundary, then exiting",
+                    signal.Signals(signum).name)
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, record)
+
+
+def stop_signal_received() -> bool:
+    return bool(_stop_signals_received)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist: DistInfo):
         self.cfg = cfg
@@ -254,7 +275,8 @@ class Trainer:
         local_bad = bool(self._grad_nonfinite) or not math.isfinite(float(loss_sum))
         reduced = self._all_reduce_sum(torch.cat([
             torch.tensor([float(loss_sum) if not local_bad else 0.0, float(local_bad),
-                          float(self.stop_requested)], dtype=torch.float64),
+                          float(self.stop_requested or stop_signal_received())],
+                         dtype=torch.float64),
             seg_sums, seg_counts]))
         nonfinite = reduced[1].item() > 0
         self.stop_requested = reduced[2].item() > 0
@@ -414,16 +436,9 @@ class Trainer:
         return path
 
     # ---------------------------------------------------------------------------- loop
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_requested = True
-        log.warning("received %s: saving at the next step boundary, then exiting",
-                    signal.Signals(signum).name)
-
     def train(self, monitor: Monitor) -> str:
         """Run to max_steps; returns 'done', 'preempted'. Raises NonFiniteAbort."""
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
         if self.dist.rank == 0:
             monitor.text("config", "```yaml\n" + cfg.to_yaml() + "\n```")
         saved_at = self.step

@@ -170,6 +170,7 @@ class SourceReader:
         self._offset = 0
 
     def _next_window(self) -> None:
+        import sys; print("NW", self.src.path_or_name[-14:], self.rank, self._epoch, self._window_index, len(self._records), self._counters, file=sys.stderr)
         start = self._ds.state_dict()
         self._window_index += 1
         self._read_window(start)

@@ -1,0 +1,319 @@
+"""One full training step (forward, backward, AdamW) of RMT against its baselines, side by side.
+
+Variants (same backbone config, same tokens, same optimizer):
+    a  RMT with segment checkpointing          (model.gradient_checkpointing_enable())
+    b  RMT without checkpointing
+    m  RMT with a checkpoint memory budget      (--budget-mb; only if given)
+    c  the bare backbone on the same segments, no memory, a plain loop (the naive baseline)
+    d  the bare backbone with full attention over the whole length
+
+Every (variant, length) point runs in a fresh subprocess, so its peak RSS (getrusage) is its own.
+The step is warmed up on two segments, then timed at full length. The live-tensor peak comes from
+an extra profiled step (torch.profiler allocation events), so profiler overhead never enters the
+timing. Ratios are tokens/s against variant (c) at the same length, measured in the same run.
+
+Model FLOPs of one step (fwd + bwd = 3x fwd; recompute of checkpointing NOT counted), per
+backbone call over n positions of which s produce logits:
+    dense      6 * n * layers * (2*d*(d + d_kv) + 3*d*I)      q,o: d*d; k,v: d*d_kv; SwiGLU: 3*d*I
+    attention  6 * layers * n * n * d / 2 ... counted as 6 * layers * d * n*(n+1)/2 (causal: QK^T and AV)
+    lm head    6 * s * d * V
+RMT calls the backbone once per segment with n = T + 2m (memory tokens included), s = T;
+(c) uses n = s = T per segment; (d) one call with n = s = L.
+MFU = model FLOPs / step time / matmul rate, the matmul rate measured in this run (fp32 GEMM on the
+same threads, or bf16 on the GPU).
+
+    python bench/step.py                              # CPU profile, 4K and 16K tokens
+    python bench/step.py --lengths 4096 65536 1048576 --variants a c
+    python bench/step.py --profile gpu-350m --device cuda --lengths 16384
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import RMTConfig, RMTForCausalLM  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Profile:
+    hidden_size: int
+    layers: int
+    heads: int
+    intermediate_size: int
+    vocab_size: int
+    segment_size: int
+    num_mem_tokens: int
+    dtype: str
+
+
+PROFILES = {
+    "cpu": Profile(256, 4, 4, 1024, 8192, 512, 16, "float32"),
+    "gpu-125m": Profile(768, 12, 12, 2048, 32000, 1024, 16, "bfloat16"),
+    "gpu-350m": Profile(1024, 24, 16, 2816, 32000, 1024, 16, "bfloat16"),
+    "gpu-1b": Profile(2048, 16, 32, 5632, 32000, 1024, 16, "bfloat16"),
+}
+VARIANTS = {
+    "a": "RMT, segment checkpointing",
+    "b": "RMT, no checkpointing",
+    "m": "RMT, checkpoint memory budget",
+    "c": "backbone, segment loop, no memory",
+    "d": "backbone, full attention",
+}
+
+
+def build_config(profile: Profile, length: int, **rmt_settings) -> RMTConfig:
+    backbone = dict(
+        model_type="llama", hidden_size=profile.hidden_size, num_hidden_layers=profile.layers,
+        num_attention_heads=profile.heads, num_key_value_heads=profile.heads,
+        intermediate_size=profile.intermediate_size, vocab_size=profile.vocab_size,
+        max_position_embeddings=max(length, profile.segment_size + 2 * profile.num_mem_tokens),
+        tie_word_embeddings=False,
+    )
+    return RMTConfig(
+        backbone=backbone, num_mem_tokens=profile.num_mem_tokens, segment_size=profile.segment_size, **rmt_settings
+    )
+
+
+def step_flops(profile: Profile, variant: str, length: int) -> float:
+    """Model FLOPs of one training step (formula in the module docstring)."""
+    d, layers, v = profile.hidden_size, profile.layers, profile.vocab_size
+    per_position = 6 * layers * (2 * d * (d + d) + 3 * d * profile.intermediate_size)
+
+    def call(n, s):
+        return per_position * n + 6 * layers * d * n * (n + 1) / 2 + 6 * s * d * v
+
+    seg = profile.segment_size
+    lengths = [min(seg, length - start) for start in range(0, length, seg)]
+    if variant == "d":
+        return call(length, length)
+    extra = 0 if variant == "c" else 2 * profile.num_mem_tokens
+    return sum(call(t + extra, t) for t in lengths)
+
+
+# ----- one point, in its own process ------------------------------------------------------
+def make_step(variant: str, profile: Profile, length: int, device, dtype, budget_mb):
+    """Returns (step(input_ids), parameters) for one variant."""
+    settings = {"checkpoint_memory_budget_mb": budget_mb} if variant == "m" else {}
+    config = build_config(profile, length, **settings)
+    torch.manual_seed(0)
+    rmt = RMTForCausalLM(config).to(device=device, dtype=dtype)
+    if variant == "a":
+        rmt.gradient_checkpointing_enable()
+    if variant in "abm":
+        model = rmt
+
+        def forward_loss(ids):
+            return model(ids, labels=ids).loss
+    else:
+        model = rmt.backbone
+        seg = profile.segment_size
+
+        def forward_loss(ids):
+            if variant == "d":
+                return model(input_ids=ids, labels=ids).loss
+            # The naive loop: each segment on its own, one backward over all of them.
+            losses = [model(input_ids=ids[:, s : s + seg], labels=ids[:, s : s + seg]).loss
+                      for s in range(0, ids.shape[1], seg)]
+            return torch.stack(losses).mean()
+
+    model.train()
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+
+    def step(ids):
+        loss = forward_loss(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, list(model.parameters())
+
+
+def live_peak_bytes(step, ids) -> int:
+    """Peak bytes of tensors allocated during one step, above those alive before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(ids)
+    current = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if event.device_type() == torch.device("cpu").type or str(event.device_type()).endswith("CPU"):
+            current += event.nbytes()
+            peak = max(peak, current)
+    return peak
+
+
+def run_point(args) -> dict:
+    profile = PROFILES[args.profile]
+    device = torch.device(args.device)
+    dtype = getattr(torch, profile.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    step, params = make_step(args.variant, profile, args.length, device, dtype, args.budget_mb)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, profile.vocab_size, (1, args.length), generator=generator).to(device)
+    warm = ids[:, : min(args.length, 2 * profile.segment_size)]
+    step(warm)
+    step(warm)
+    rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = step(ids)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    result = dict(
+        variant=args.variant, length=args.length, step_s=min(times), loss=float(loss),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_before_step_mb=rss_before_mb,
+        param_mb=sum(p.numel() * p.element_size() for p in params) / 2**20,
+    )
+    if device.type == "cuda":
+        result["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    elif args.live_peak:
+        result["live_step_peak_mb"] = live_peak_bytes(step, ids) / 2**20
+    return result
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, dtype, threads: int, size: int = 2048, seconds: float = 2.0) -> float:
+    """FLOP/s of a square GEMM (the best of repeated timings) on the benchmark's threads."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# ----- the driver -------------------------------------------------------------------------
+def launcher_allocator_env(root: str) -> dict:
+    """The environment the project's launcher sets for CPU runs (read from launch/pretrain.sh)."""
+    script = (
+        f'log() {{ :; }}; source <(sed -n "/^configure_cpu_allocator()/,/^}}/p" {root}/launch/pretrain.sh); '
+        "unset LD_PRELOAD MALLOC_CONF MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_; configure_cpu_allocator; "
+        'echo "LD_PRELOAD=${LD_PRELOAD:-}"; echo "MALLOC_CONF=${MALLOC_CONF:-}"; '
+        'echo "MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-}"; echo "MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-}"'
+    )
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    return {k: v for k, v in (line.split("=", 1) for line in out.splitlines()) if v}
+
+
+def point_env(allocator: str, root: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    if allocator == "launcher":
+        env.update(launcher_allocator_env(root))
+    return env
+
+
+def run_driver(args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    profile = PROFILES[args.profile]
+    device = torch.device(args.device)
+    rate = matmul_rate(device, getattr(torch, profile.dtype), args.threads)
+    env = point_env(args.allocator, root)
+    print(f"profile {args.profile} {profile}; allocator {args.allocator}; threads {args.threads}; "
+          f"load average {os.getloadavg()[0]:.1f}; matmul rate {rate / 1e9:.1f} GFLOP/s", flush=True)
+    rows = []
+    for length in args.lengths:
+        for variant in args.variants:
+            if variant == "d" and length > args.max_full_attention:
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--point", "--variant", variant, "--length", str(length),
+                   "--profile", args.profile, "--device", args.device, "--threads", str(args.threads),
+                   "--steps", str(args.steps)]
+            if args.budget_mb is not None:
+                cmd += ["--budget-mb", str(args.budget_mb)]
+            if not args.live_peak:
+                cmd.append("--no-live-peak")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(f"{variant} L={length}: failed (rc {proc.returncode}): {proc.stderr.strip()[-400:]}", flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["tokens_per_s"] = length / row["step_s"]
+            row["mfu"] = step_flops(profile, variant, length) / row["step_s"] / rate
+            rows.append(row)
+            print(format_row(row, None), flush=True)
+    print_table(rows, rate)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(profile=args.profile, allocator=args.allocator, matmul_flops=rate, rows=rows), f, indent=1)
+
+
+def format_row(row, baseline) -> str:
+    ratio = f"{row['tokens_per_s'] / baseline:5.2f}x" if baseline else "   - "
+    live = f"{row['live_step_peak_mb']:8.0f}" if "live_step_peak_mb" in row else "       -"
+    return (f"{row['length']:>8} {row['variant']:>2} {row['tokens_per_s']:9.0f} {ratio:>6} {row['mfu'] * 100:5.1f}% "
+            f"{row['peak_rss_mb']:9.0f} {live} {row['loss']:.4f}")
+
+
+def print_table(rows, rate):
+    print(f"\n{'length':>8} {'v':>2} {'tokens/s':>9} {'vs c':>6} {'MFU':>6} {'RSS MiB':>9} {'live MiB':>8} loss")
+    for row in rows:
+        base = [r for r in rows if r["length"] == row["length"] and r["variant"] == "c"]
+        print(format_row(row, base[0]["tokens_per_s"] if base else None))
+    print(f"(MFU against a measured matmul rate of {rate / 1e9:.1f} GFLOP/s; variants: "
+          + "; ".join(f"{k} = {v}" for k, v in VARIANTS.items()) + ")")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["a", "b", "c", "d"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1), help="CPU threads (torch)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per point (the fastest is kept)")
+    parser.add_argument("--budget-mb", type=float, default=None, help="checkpoint_memory_budget_mb of variant m")
+    parser.add_argument("--max-full-attention", type=int, default=65536,
+                        help="skip variant d above this length (its cost is quadratic)")
+    parser.add_argument("--allocator", choices=["glibc", "launcher"], default="launcher",
+                        help="glibc defaults, or the allocator launch/pretrain.sh configures for CPU runs")
+    parser.add_argument("--no-live-peak", dest="live_peak", action="store_false",
+                        help="skip the extra profiled step that measures the live-tensor peak")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if any(length < 1 for length in args.lengths):
+        parser.error(f"--lengths {args.lengths}: every length must be a positive integer")
+    if args.steps < 1 or args.threads < 1:
+        parser.error("--steps and --threads must be >= 1")
+    if "m" in args.variants and args.budget_mb is None:
+        parser.error("variant m needs --budget-mb (the checkpoint memory budget in MiB)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available here; valid: cpu")
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    if arguments.point:
+        print(json.dumps(run_point(arguments)))
+    else:
+        run_driver(arguments)
