@@ -18,6 +18,11 @@ class RMTConfig(PretrainedConfig):
     bptt_depth (k): memory is detached after every k-th segment; -1 = full BPTT.
     loss_from_segment (j): only targets in segments >= j count towards the loss.
     loss_chunk_size: segment positions whose [B, chunk, V] logits exist at once in the loss.
+    checkpoint_memory_budget_mb: None, or MiB of activations a training step may keep alive between
+        forward and backward. When set, training steps use segment checkpointing for only as many
+        segments as needed to fit the budget (the first segment runs un-checkpointed to measure its
+        activations; later ones stay un-checkpointed while they fit). None: checkpointing is all or
+        nothing, as set by gradient_checkpointing_enable().
     """
 
     model_type = "rmt"
@@ -30,6 +35,7 @@ class RMTConfig(PretrainedConfig):
         bptt_depth=-1,
         loss_from_segment=0,
         loss_chunk_size=1024,
+        checkpoint_memory_budget_mb=None,
         **kwargs,
     ):
         self.backbone = dict(backbone) if backbone is not None else {"model_type": "llama"}
@@ -38,6 +44,7 @@ class RMTConfig(PretrainedConfig):
         self.bptt_depth = bptt_depth
         self.loss_from_segment = loss_from_segment
         self.loss_chunk_size = loss_chunk_size
+        self.checkpoint_memory_budget_mb = checkpoint_memory_budget_mb
         # Before the base init: its own validators already read vocab_size from the backbone.
         self.validate_rmt()
         super().__init__(**kwargs)
@@ -63,6 +70,12 @@ class RMTConfig(PretrainedConfig):
         _require_int("segment_size", self.segment_size, minimum=1)
         _require_int("loss_from_segment", self.loss_from_segment, minimum=0)
         _require_int("loss_chunk_size", self.loss_chunk_size, minimum=1)
+        budget = self.checkpoint_memory_budget_mb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+            raise ValueError(
+                f"checkpoint_memory_budget_mb={budget!r} is invalid: valid values are None (no budget: "
+                "checkpoint all segments or none) or a number of MiB > 0"
+            )
         if _not_int(self.bptt_depth) or not (self.bptt_depth == -1 or self.bptt_depth >= 1):
             raise ValueError(
                 f"bptt_depth={self.bptt_depth!r} is invalid: valid values are -1 (full BPTT) "

@@ -21,13 +21,18 @@ the same padded batch, not a row generated on its own).
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.utils import ModelOutput
+from torch.utils.checkpoint import checkpoint
+
+from .checkpoint_budget import CheckpointBudget
 
 from .configuration_rmt import RMTConfig
 from .generation_rmt import RMTDecodingState, decode_tokens
@@ -63,6 +68,7 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         self.memory = nn.Parameter(torch.empty(config.num_mem_tokens, config.hidden_size))  # M0 [M, D]
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func = None
+        self.last_checkpointed_segments = 0  # segments the latest forward checkpointed (telemetry)
         self.generation_config = backbone.generation_config
         self.post_init()
 
@@ -229,6 +235,14 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             return_memory, return_logits, logits_to_keep,
         )
 
+    def _checkpoint_budget(self, memory) -> CheckpointBudget | None:
+        budget_mb = self.config.checkpoint_memory_budget_mb
+        if budget_mb is None:
+            return None
+        # A checkpointed segment keeps its memory input and output (the inputs are the caller's).
+        residue = 2 * memory.numel() * memory.element_size()
+        return CheckpointBudget(budget_mb * 2**20, residue)
+
     def _initial_memory(self, batch: int, memory):
         return memory if memory is not None else self.memory.unsqueeze(0).expand(batch, -1, -1)
 
@@ -243,7 +257,9 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = None  # all real: the backbone's plain causal path is faster and identical
         targets = shifted_targets(labels, attention_mask) if labels is not None else None
         first_kept = length - logits_to_keep if logits_to_keep else 0
+        budget = self._checkpoint_budget(memory) if torch.is_grad_enabled() else None
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
+        checkpoint_func = self._gradient_checkpointing_func or partial(checkpoint, use_reentrant=False)
         k = self.config.bptt_depth
 
         loss_sums, token_counts, logits = [], [], []
@@ -263,15 +279,25 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
                 attention_mask[:, start:end] if attention_mask is not None else None,
                 logits_from,
             )
+            counter = None
+            if budget is not None:
+                counter = budget.start_segment(num_segments - t)
+                checkpointed = budget.checkpoint
             if checkpointed:
-                loss_sum, num_tokens, memory, seg_logits = self._gradient_checkpointing_func(self._segment_step, *args)
+                loss_sum, num_tokens, memory, seg_logits = checkpoint_func(self._segment_step, *args)
             else:
-                loss_sum, num_tokens, memory, seg_logits = self._segment_step(*args)
+                with counter.counting() if counter is not None else nullcontext():
+                    loss_sum, num_tokens, memory, seg_logits = self._segment_step(*args)
+            if budget is not None:
+                budget.end_segment()
             loss_sums.append(loss_sum)
             token_counts.append(num_tokens)
             if seg_logits is not None:
                 logits.append(seg_logits)
 
+        self.last_checkpointed_segments = budget.checkpointed_segments if budget is not None else (
+            num_segments if checkpointed else 0
+        )
         segment_loss_sums = torch.stack(loss_sums)
         segment_token_counts = torch.stack(token_counts)
         loss_sum = segment_loss_sums.sum()

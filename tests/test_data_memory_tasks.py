@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import DataConfig, MemoryTaskConfig, build_pipeline, build_tokenizer
+from training.data import (DataConfig, DataStateError, MemoryTaskConfig, build_pipeline,
+                           build_tokenizer)
 from training.data import memory_tasks as mt
 
 S = 16
@@ -98,7 +99,7 @@ def test_pipeline_state_resumes_and_refuses_other_world_size(tok):
     again.load_state_dict(state)
     assert torch.equal(again.next_batch(3)["input_ids"], expected["input_ids"])
     other = build_pipeline(cfg, tok, segment_size=S, micro_batch_size=4, rank=0, world_size=4, seed=1)
-    with pytest.raises(mt_state_error(), match=r"world_size=2 \(now 4\).*data.reshard=true"):
+    with pytest.raises(DataStateError, match=r"world_size=2 \(now 4\).*data.reshard=true"):
         other.load_state_dict(state)
     # With reshard the new layout continues after the 3 * 2 * 4 = 24 samples already consumed.
     reshard = DataConfig(reshard=True)
@@ -106,12 +107,6 @@ def test_pipeline_state_resumes_and_refuses_other_world_size(tok):
                            seed=1)
     other.load_state_dict(state)
     assert other.next_batch(2)["sample_ids"].tolist() == [24, 25]
-
-
-def mt_state_error():
-    from training.data import DataStateError
-
-    return DataStateError
 
 
 def final_segment_view(arrays, num_segments):

@@ -101,12 +101,13 @@ pipe.close()
 """
 
 
-@pytest.mark.parametrize("packing", ["concat", "document"])
-def test_resume_in_a_new_process_gives_the_same_batches(corpus, tmp_path, packing):
+@pytest.mark.parametrize("packing,short", [("concat", "drop"), ("document", "pad")])
+def test_resume_in_a_new_process_gives_the_same_batches(corpus, tmp_path, packing, short):
     """Acceptance 2: shuffle + weighted mixture + a changing number of segments."""
     sources = [SourceConfig(str(corpus["root"] / "alpha_*.jsonl"), weight=2.0),
                SourceConfig(str(corpus["root"] / "beta.jsonl"), weight=1.0)]
-    cfg = text_cfg(corpus, sources=sources, packing=packing, shuffle_buffer=8)
+    cfg = text_cfg(corpus, sources=sources, packing=packing, short_documents=short,
+                   shuffle_buffer=8)
     tok = build_tokenizer(cfg)
     after = [3, 1, 4, 2, 2, 5]
     rank = 1
@@ -126,6 +127,19 @@ def test_resume_in_a_new_process_gives_the_same_batches(corpus, tmp_path, packin
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_a_state_saved_before_the_first_batch_restarts_the_stream(corpus):
+    cfg = text_cfg(corpus, shuffle_buffer=8)
+    tok = build_tokenizer(cfg)
+    with build_pipeline(cfg, tok, segment_size=S, micro_batch_size=2, seed=4) as pipe:
+        start = pipe.state_dict()
+        first = [pipe.next_batch(n)["input_ids"] for n in (2, 3)]
+        for _ in range(5):
+            pipe.next_batch(4)
+        pipe.load_state_dict(start)
+        again = [pipe.next_batch(n)["input_ids"] for n in (2, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def test_other_world_size_is_refused_with_the_reshard_option(corpus):
@@ -169,15 +183,24 @@ def test_document_packing_drops_and_counts_short_documents(corpus):
     cfg = text_cfg(corpus, packing="document", shuffle_buffer=0)
     tok = build_tokenizer(cfg)
     length = 2 * S
-    lengths = [len(tok(t)["input_ids"]) + 1 for t in corpus["alpha"][0::3][:30]]  # file 0's order
+    # Independent count over the stream order (shuffle off: file alpha_0 first, 40 documents).
+    lengths = [len(tok(t)["input_ids"]) + 1 for t in corpus["alpha"][0::3]]
     with build_pipeline(cfg, tok, segment_size=S, micro_batch_size=1, seed=0) as pipe:
         rows = []
         while pipe.stats().get("short_documents_dropped", 0) + len(rows) < 30:
             rows.append(pipe.next_batch(2)["input_ids"][0])
         stats = pipe.stats()
-    long_enough = [n for n in lengths[:len(rows) + stats["short_documents_dropped"]] if n >= length]
-    assert stats["short_documents_dropped"] == sum(n < length for n in lengths[:30])
-    assert stats["truncated_tokens"] == sum(n - length for n in long_enough)
+    consumed = lengths[:len(rows) + stats["short_documents_dropped"]]
+    assert 30 <= len(consumed) < 40 and 0 < len(rows) < len(consumed)
+    assert stats["short_documents_dropped"] == sum(n < length for n in consumed)
+    assert stats["truncated_tokens"] == sum(n - length for n in consumed if n >= length)
+
+
+def test_document_packing_without_long_enough_documents_is_an_error(corpus):
+    cfg = text_cfg(corpus, packing="document")
+    with build_pipeline(cfg, build_tokenizer(cfg), segment_size=S, micro_batch_size=1) as pipe:
+        with pytest.raises(DataSourceError, match="no document is 800 tokens long.*pad"):
+            pipe.next_batch(100)
 
 
 # --- bad data (acceptance 3) --------------------------------------------------------------
@@ -200,7 +223,7 @@ def test_empty_documents_and_invalid_utf8_are_skipped_or_replaced_and_counted(co
                    packing="document", short_documents="pad")
     tok = build_tokenizer(cfg)
     with build_pipeline(cfg, tok, segment_size=S, micro_batch_size=2, seed=0) as pipe:
-        batch = pipe.next_batch(2)
+        batch = pipe.next_batch(8)
         stats = pipe.stats()
     texts = [tok.decode(r, skip_special_tokens=True) for r in batch["input_ids"]]
     assert texts == ["broken \ufffd\ufffd bytes here\n", "first document, fine\n"]

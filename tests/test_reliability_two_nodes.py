@@ -144,6 +144,18 @@ class TwoNodeCluster:
         return {line.split()[0] for line in out if line.strip() and
                 line.split()[1].rstrip("*").upper() == "IDLE"}
 
+    def wait_settled(self, seconds: float, timeout_s: float = 120) -> None:
+        """Both nodes IDLE and nothing allocated, continuously for `seconds`."""
+        since = {"t": None}
+
+        def settled() -> bool:
+            idle = self.idle_nodes() == set(NODES)
+            since["t"] = (since["t"] or time.monotonic()) if idle else None
+            return idle and time.monotonic() - since["t"] >= seconds
+
+        wait_until(settled, timeout_s, "both nodes IDLE and settled", self.root / "slurmctld.log",
+                   interval_s=0.5)
+
     def job_field(self, job_id: int, name: str) -> str:
         out = self.client(["scontrol", "show", "job", "-o", str(job_id)]).stdout
         for field in out.split():
@@ -244,13 +256,15 @@ def test_zero3_across_two_nodes_matches_one_node_and_survives_a_node_loss(cluste
     newest = complete(run_dir)[-1]
     assert newest < STEPS
 
-    # The requeued job is held until the node is back and IDLE: allocated in the same second as
-    # n2 re-registers, slurmctld (22.05) keeps n2 IDLE inside the job's allocation and the step
-    # waits forever for "busy" nodes.
+    # The requeued job keeps its id. It is held until the old instance is cleaned up everywhere
+    # and n2 is back and has stayed IDLE: allocated while the old instance's clean-up is still
+    # arriving, slurmctld (22.05) drops n2 from the new allocation and the step waits forever
+    # ("Requested nodes are busy").
     assert cluster.client(["scontrol", "hold", str(job)]).returncode == 0
+    wait_until(lambda: not cluster.client(["squeue", "-h", "-s"]).stdout.strip(), 120,
+               "the failed instance's steps to end", out)
     cluster.start_slurmd("n2")  # ReturnToService=2: back in service when it registers
-    wait_until(lambda: cluster.idle_nodes() == set(NODES), 120, "n2 back and IDLE",
-               cluster.root / "slurmctld.log")
+    cluster.wait_settled(seconds=5)
     assert cluster.client(["scontrol", "release", str(job)]).returncode == 0
     cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # no requeue delay
     wait_until(lambda: cluster.job_field(job, "JobState") in FAILED + ("COMPLETED",), 400,

@@ -12,9 +12,11 @@ document is re-read and re-tokenised on resume instead of saving its tokens.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+
+from training.data.errors import DataSourceError
 
 IGNORE = -100
 PACKER_COUNTERS = ("samples", "tokens", "short_documents_dropped", "short_documents_padded",
@@ -22,10 +24,15 @@ PACKER_COUNTERS = ("samples", "tokens", "short_documents_dropped", "short_docume
 
 
 class Packer:
-    def __init__(self, mode: str, short_documents: str, pad_id: int):
+    """`passed_all_data(first, now)` says whether the stream went through all of its data
+    between two document positions; document packing uses it to stop dropping for ever."""
+
+    def __init__(self, mode: str, short_documents: str, pad_id: int,
+                 passed_all_data: Callable[[object, object], bool]):
         if mode not in ("concat", "document"):
             raise ValueError(f"data.packing: {mode!r} must be concat or document")
         self.mode, self.pad_short, self.pad_id = mode, short_documents == "pad", pad_id
+        self.passed_all_data = passed_all_data
         self.counters = dict.fromkeys(PACKER_COUNTERS, 0)
         self.current: Optional[np.ndarray] = None  # tokens of the current document
         self.current_position = None               # the position that re-yields it
@@ -52,7 +59,7 @@ class Packer:
                 filled += take
                 self.offset += take
         else:
-            row = 0
+            row, first_dropped = 0, None
             while row < batch_size:
                 self._advance(documents)
                 doc = self.current
@@ -67,6 +74,12 @@ class Packer:
                     self.counters["padding_tokens"] += length - len(doc)
                 else:
                     self.counters["short_documents_dropped"] += 1
+                    first_dropped = first_dropped or self.current_position
+                    if self.passed_all_data(first_dropped, self.current_position):
+                        raise DataSourceError(
+                            f"data.short_documents: drop, but no document is {length} tokens "
+                            f"long (num_segments x segment_size); use short_documents: pad, "
+                            f"packing: concat or fewer segments")
                     continue
                 row += 1
         self.counters["samples"] += batch_size

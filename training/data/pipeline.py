@@ -23,7 +23,7 @@ from training.data.config import BUILTIN, MEMORY_TASKS, DataConfig
 from training.data.errors import DataSourceError, DataStateError
 from training.data.packing import Packer, labels_for
 from training.data.prefetch import BackgroundTokenizer
-from training.data.sources import (COUNTERS, DocumentMixture, Holdout, MixturePosition,
+from training.data.sources import (COUNTERS, START, DocumentMixture, Holdout, MixturePosition,
                                    SourceReader, check_text_field)
 
 STATE_VERSION = 1
@@ -61,8 +61,10 @@ class _Pipeline:
 
     def _check_header(self, state: dict) -> bool:
         """Raise on a state of another corpus; return True when it needs resharding."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise DataStateError(f"data state has version {state.get('version') if isinstance(state, dict) else None!r}; this code reads version {STATE_VERSION}")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != STATE_VERSION:
+            raise DataStateError(f"data state has version {version!r}; this code reads version "
+                                 f"{STATE_VERSION} (a dict from pipe.state_dict())")
         for key in ("kind", "split", "seed"):
             if state[key] != getattr(self, key):
                 raise DataStateError(f"data state was saved with {key}={state[key]!r}, this "
@@ -150,9 +152,13 @@ class TextPipeline(_Pipeline):
                                       holdout) for i, src in enumerate(sources)]
         self._mixture = DocumentMixture(self._readers, [s.weight for s in sources], self.seed,
                                         self.rank)
-        self._packer = Packer(cfg.packing, cfg.short_documents, self.tokenizer.pad_token_id)
+        self._packer = self._new_packer()
         self._documents: Optional[BackgroundTokenizer] = None
         self._start_prefetch()
+
+    def _new_packer(self) -> Packer:
+        return Packer(self.cfg.packing, self.cfg.short_documents, self.tokenizer.pad_token_id,
+                      passed_all_data=MixturePosition.passed_all_data)
 
     def _start_prefetch(self) -> None:
         self._documents = BackgroundTokenizer(iter(self._mixture), self.tokenizer,
@@ -167,7 +173,7 @@ class TextPipeline(_Pipeline):
             ids, mask = self._packer.pack(self._documents, B, num_segments * self.segment_size)
         except DataSourceError:
             raise
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError) as e:  # e.g. invalid UTF-8 in a jsonl file (pyarrow)
             raise DataSourceError(f"data sources {self.source_names}: reading failed on rank "
                                   f"{self.rank}: {type(e).__name__}: {e}") from e
         sample_ids = (np.arange(first, first + B) * self.world_size + self.rank)
@@ -188,11 +194,12 @@ class TextPipeline(_Pipeline):
                 raise DataStateError(f"data state was saved with {key}={state[key]!r}, this "
                                      f"pipeline has {mine!r}")
         self._documents.close()
-        self._packer = Packer(self.cfg.packing, self.cfg.short_documents,
-                              self.tokenizer.pad_token_id)
+        self._packer = self._new_packer()
         self._packer.counters.update(state["packer"])
         current = state["current"]
-        if current is not None:
+        if current is None:  # saved before the first batch: start from the beginning
+            self._mixture.restore(MixturePosition(0, (START,) * len(self._readers)))
+        else:
             position = MixturePosition.from_json(current)
             if reshard:
                 # Positions belong to the old sharding; start the next epoch of every source.

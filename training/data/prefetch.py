@@ -29,7 +29,9 @@ class BackgroundTokenizer:
 
     def __init__(self, documents: Iterator, tokenizer, prefetch_documents: int):
         self._documents = documents
-        self._encode = tokenizer.backend_tokenizer.encode_batch
+        backend = tokenizer.backend_tokenizer
+        # encode_batch_fast skips character offsets, which packing never needs (~25% faster).
+        self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         self._eos = np.array([tokenizer.eos_token_id], dtype=np.int64)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch_documents // BATCH_DOCUMENTS))
         self._ready: deque = deque()

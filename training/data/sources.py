@@ -170,7 +170,6 @@ class SourceReader:
         self._offset = 0
 
     def _next_window(self) -> None:
-        import sys; print("NW", self.src.path_or_name[-14:], self.rank, self._epoch, self._window_index, len(self._records), self._counters, file=sys.stderr)
         start = self._ds.state_dict()
         self._window_index += 1
         self._read_window(start)
@@ -216,6 +215,12 @@ class MixturePosition(NamedTuple):
 
     def to_json(self) -> dict:
         return {"draws": self.draws, "readers": [r.to_json() for r in self.readers]}
+
+    @staticmethod
+    def passed_all_data(first: "MixturePosition", now: "MixturePosition") -> bool:
+        """Every source read one whole epoch between the two positions (two epoch turns are
+        sufficient whatever the offsets)."""
+        return all(b.epoch >= a.epoch + 2 for a, b in zip(first.readers, now.readers))
 
     @classmethod
     def from_json(cls, d: dict) -> "MixturePosition":
