@@ -111,7 +111,7 @@ def consolidate_checkpoint(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     model_states = checkpoint_dir / "mp_rank_00_model_states.pt"
     if model_states.is_file():
         # ZeRO 0: rank 0 saved the whole module.
-        module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     raise ExportError(f"{checkpoint_dir}: neither *_optim_states.pt (ZeRO 1-3) nor mp_rank_00_model_states.pt (ZeRO 0)")
 
