@@ -57,7 +57,7 @@ def assets(tmp_path_factory):
 
 def text_overrides(assets: Path, data_file: str | Path) -> list[str]:
     return ["data.source=text", f"data.tokenizer={assets / 'tok'}",
-            f"data.sources=[{{path_or_name: '{data_file}'}}]", f"model.backbone.vocab_size=512"]
+            f"data.sources=[{{path_or_name: '{data_file}'}}]", "model.backbone.vocab_size=512"]
 
 
 def copy_run(assets: Path, work: Path) -> Path:

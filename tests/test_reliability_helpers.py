@@ -4,7 +4,6 @@ and what they left on disk. No tests here."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_reliability_helpers import train_losses
+
 REPO = Path(__file__).resolve().parents[1]
 # A tiny model and run: every step is real DeepSpeed work, but a run takes seconds.
 TINY = ["run.max_steps=20", "run.export=false", "logging.every=1", "logging.progress_bar=false",
@@ -40,16 +42,6 @@ def run(run_dir: Path, nproc: int, extra: list[str]) -> None:
     code = proc.wait(timeout=300)
     console = (run_dir.parent / f"{run_dir.name}.console.log").read_text()
     assert code == 0, console[-4000:]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    """step -> train loss; a step logged twice (killed, then resumed) keeps its last value."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == "train":
-            out[rec["step"]] = rec["train/loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,11 @@ class ModelConfig:
     bptt_depth: int = doc(-1, "segments gradients flow back through memory; -1 = all")
     loss_from_segment: int = doc(0, "drop the targets of segments before this one")
     gradient_checkpointing: bool = doc(True, "segment-level activation checkpointing")
+    checkpoint_memory_budget_mb: Optional[float] = doc(None, "MiB of activations a step may keep; "
+                                                       "checkpoints only the segments that do not "
+                                                       "fit (null = none or all, per "
+                                                       "gradient_checkpointing)")
+    loss_chunk_size: int = doc(1024, "segment positions whose logits exist at once in the loss")
     init_from: Optional[str] = doc(None, "pretrained backbone folder (HF format) or null")
     max_sequence_length: Optional[int] = doc(None, "longest training sample in tokens; if set, "
                                              "must equal segment_size x the curriculum's largest "
@@ -98,7 +103,9 @@ class ModelConfig:
     def rmt_kwargs(self) -> dict:
         return {"backbone": copy.deepcopy(self.backbone), "num_mem_tokens": self.num_mem_tokens,
                 "segment_size": self.segment_size, "bptt_depth": self.bptt_depth,
-                "loss_from_segment": self.loss_from_segment}
+                "loss_from_segment": self.loss_from_segment,
+                "checkpoint_memory_budget_mb": self.checkpoint_memory_budget_mb,
+                "loss_chunk_size": self.loss_chunk_size}
 
     def problems(self) -> list[str]:
         out = []
