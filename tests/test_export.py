@@ -135,6 +135,9 @@ def test_zero3_export_reloads_in_fresh_process_with_engine_logits(run, probe, tm
     # The card's example is a 2-segment copy sample; the trained model answers it.
     assert report["snippet_output"].startswith(report["card_expected"])
     assert {p.name for p in (run / "export").iterdir()} == HUB_FILES | expected_model_code() | {"model.safetensors"}
+    # The remote code users run with trust_remote_code is exactly the project's model files.
+    for name in expected_model_code():
+        assert (run / "export" / name).read_bytes() == (REPO_ROOT / "model" / name).read_bytes(), name
 
 
 def test_older_step_sharded_over_an_old_export_with_true_card(run, tmp_path):
