@@ -164,7 +164,14 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
         outcome = trainer.train(monitor)
     except NonFiniteAbort as e:
         log.error("%s", e)
-        return EXIT_NONFINITE, "failed"
+        if monitor is not None:
+            monitor.close()
+        logging.shutdown()
+        # Leave without tearing down the engine and process group: every rank aborts at the same
+        # step, and torch's C++ teardown racing the peer's exit was seen to SIGABRT a rank
+        # ("terminate called without an active exception") instead of returning exit code 3.
+        # Checkpoints are complete on disk; TensorBoard and the log are flushed above.
+        os._exit(EXIT_NONFINITE)
     finally:
         if monitor is not None:
             monitor.close()

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,8 +172,20 @@ class SlurmCluster:
             raise ClusterError(f"sbatch printed no job id: {first_line}{proc.stdout.read()}\n{proc.stderr.read()}")
         return int(match.group(1)), proc
 
-    def release_requeued(self, job_id: int) -> None:
-        """Slurm holds a requeued batch job ~2 minutes before it may start again; tests skip the wait."""
+    def release_requeued(self, job_id: int, settle_s: float = 5.0) -> None:
+        """Slurm holds a requeued batch job ~2 minutes before it may start again; tests skip the wait.
+
+        The node must have been IDLE for `settle_s` first: Slurm 22.05 starts a requeued job the
+        moment its node frees up, and its srun then fails with "Requested nodes are busy" while
+        the previous run's step is still being cleaned up (seen here as a FAILED 1:0 job)."""
+        since = {"t": None}
+
+        def settled() -> bool:
+            idle = self.node_state() == "IDLE"
+            since["t"] = (since["t"] or time.monotonic()) if idle else None
+            return idle and time.monotonic() - since["t"] >= settle_s
+
+        wait_until(settled, 120, "the node to be IDLE and settled", interval_s=0.5)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def job_field(self, job_id: int, name: str) -> str:
