@@ -23,7 +23,7 @@ import pytest
 
 from tests.cluster.env import clean_launch_env
 from tests.cluster.fixtures import require
-from tests.cluster.poll import wait_until
+from tests.cluster.poll import wait_steady, wait_until
 from tests.cluster.slurm import SLURM_CONF_TEMPLATE, _binary, missing_binaries
 from tests.test_reliability_helpers import REPO, TINY, console, launch_torchrun, train_losses
 
@@ -146,15 +146,8 @@ class TwoNodeCluster:
 
     def wait_settled(self, seconds: float, timeout_s: float = 120) -> None:
         """Both nodes IDLE and nothing allocated, continuously for `seconds`."""
-        since = {"t": None}
-
-        def settled() -> bool:
-            idle = self.idle_nodes() == set(NODES)
-            since["t"] = (since["t"] or time.monotonic()) if idle else None
-            return idle and time.monotonic() - since["t"] >= seconds
-
-        wait_until(settled, timeout_s, "both nodes IDLE and settled", self.root / "slurmctld.log",
-                   interval_s=0.5)
+        wait_steady(lambda: self.idle_nodes() == set(NODES), seconds, timeout_s,
+                    "both nodes IDLE and settled", self.root / "slurmctld.log")
 
     def job_field(self, job_id: int, name: str) -> str:
         out = self.client(["scontrol", "show", "job", "-o", str(job_id)]).stdout

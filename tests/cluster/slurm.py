@@ -12,12 +12,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.cluster.env import clean_launch_env
-from tests.cluster.poll import wait_until
+from tests.cluster.poll import wait_steady, wait_until
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel", "srun")
 CLUSTER_CPUS = 2
@@ -178,14 +177,7 @@ class SlurmCluster:
         The node must have been IDLE for `settle_s` first: Slurm 22.05 starts a requeued job the
         moment its node frees up, and its srun then fails with "Requested nodes are busy" while
         the previous run's step is still being cleaned up (seen here as a FAILED 1:0 job)."""
-        since = {"t": None}
-
-        def settled() -> bool:
-            idle = self.node_state() == "IDLE"
-            since["t"] = (since["t"] or time.monotonic()) if idle else None
-            return idle and time.monotonic() - since["t"] >= settle_s
-
-        wait_until(settled, 120, "the node to be IDLE and settled", interval_s=0.5)
+        wait_steady(lambda: self.node_state() == "IDLE", settle_s, 120, "the node to be IDLE and settled")
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def job_field(self, job_id: int, name: str) -> str:
