@@ -3,6 +3,7 @@
 Variants (same backbone config, same tokens, same optimizer):
     a  RMT with segment checkpointing          (model.gradient_checkpointing_enable())
     b  RMT without checkpointing
+    u  RMT without checkpointing, unfused loss  (fused_segment_loss=False: F.cross_entropy per chunk)
     m  RMT with a checkpoint memory budget      (--budget-mb; only if given)
     c  the bare backbone on the same segments, no memory, a plain loop (the naive baseline)
     d  the bare backbone with full attention over the whole length
@@ -25,6 +26,12 @@ same threads, or bf16 on the GPU).
     python bench/step.py                              # CPU profile, 4K and 16K tokens
     python bench/step.py --lengths 4096 65536 1048576 --variants a c
     python bench/step.py --profile gpu-350m --device cuda --lengths 16384
+    python bench/step.py --variants b c --lengths 4096 --op-profile     # where a step's time goes
+    python bench/step.py --variants b c --lengths 4096 --compile        # RMT variants via torch.compile
+
+--compile runs the RMT variants' backbone decoder through torch.compile (a bench-only experiment);
+the compile happens in the warm-up,
+whose time is reported as warmup_s, apart from the timed step.
 """
 
 import argparse
@@ -64,6 +71,7 @@ PROFILES = {
 VARIANTS = {
     "a": "RMT, segment checkpointing",
     "b": "RMT, no checkpointing",
+    "u": "RMT, no checkpointing, unfused loss",
     "m": "RMT, checkpoint memory budget",
     "c": "backbone, segment loop, no memory",
     "d": "backbone, full attention",
@@ -100,15 +108,21 @@ def step_flops(profile: Profile, variant: str, length: int) -> float:
 
 
 # ----- one point, in its own process ------------------------------------------------------
-def make_step(variant: str, profile: Profile, length: int, device, dtype, budget_mb):
+def make_step(variant: str, profile: Profile, length: int, device, dtype, budget_mb, compile_rmt=False):
     """Returns (step(input_ids), parameters) for one variant."""
     settings = {"checkpoint_memory_budget_mb": budget_mb} if variant == "m" else {}
+    if variant == "u":
+        settings["fused_segment_loss"] = False
     config = build_config(profile, length, **settings)
     torch.manual_seed(0)
     rmt = RMTForCausalLM(config).to(device=device, dtype=dtype)
     if variant == "a":
         rmt.gradient_checkpointing_enable()
-    if variant in "abm":
+    if compile_rmt and variant in "abmu":
+        # An experiment, not a model option: it measured no clear gain (docs/benchmarks.md).
+        decoder = rmt.backbone.base_model
+        decoder.forward = torch.compile(decoder.forward)
+    if variant in "abmu":
         model = rmt
 
         def forward_loss(ids):
@@ -159,22 +173,22 @@ def run_point(args) -> dict:
     dtype = getattr(torch, profile.dtype)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    step, params = make_step(args.variant, profile, args.length, device, dtype, args.budget_mb)
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, profile.vocab_size, (1, args.length), generator=generator).to(device)
-    warm = ids[:, : min(args.length, 2 * profile.segment_size)]
-    step(warm)
-    step(warm)
+    step, params = make_step(args.variant, profile, args.length, device, dtype, args.budget_mb, args.compile)
+    ids = point_tokens(profile, args.length, device)
+    warmup_start = time.perf_counter()
+    warm_up(step, ids, profile)
+    warmup_s = time.perf_counter() - warmup_start
     rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = []
     for _ in range(args.steps):
         sync(device)
-        start = time.perf_counter()
+        start = clock()
         loss = step(ids)
         sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     result = dict(
-        variant=args.variant, length=args.length, step_s=min(times), loss=float(loss),
+        variant=args.variant, length=args.length, step_s=min(times), warmup_s=warmup_s, loss=float(loss),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_before_step_mb=rss_before_mb,
         param_mb=sum(p.numel() * p.element_size() for p in params) / 2**20,
     )
@@ -183,6 +197,45 @@ def run_point(args) -> dict:
     elif args.live_peak:
         result["live_step_peak_mb"] = live_peak_bytes(step, ids) / 2**20
     return result
+
+
+def point_tokens(profile: Profile, length: int, device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, profile.vocab_size, (1, length), generator=generator).to(device)
+
+
+def warm_up(step, ids, profile: Profile):
+    warm = ids[:, : min(ids.shape[1], 2 * profile.segment_size)]
+    step(warm)
+    step(warm)
+    if ids.shape[1] % profile.segment_size:
+        step(ids[:, -(ids.shape[1] % profile.segment_size):])  # the short last segment's shape too
+
+
+def op_profile(args, rows: int = 18):
+    """One profiled step per variant, in this process: the ops with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof_cfg = PROFILES[args.profile]
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    for length in args.lengths:
+        for variant in args.variants:
+            step, _ = make_step(variant, prof_cfg, length, device, getattr(torch, prof_cfg.dtype), args.budget_mb,
+                                args.compile)
+            ids = point_tokens(prof_cfg, length, device)
+            warm_up(step, ids, prof_cfg)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(ids)
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in events)
+            print(f"\nvariant {variant} L={length}: self CPU time {total / 1e6:.2f} s (profiled step; "
+                  f"load average {os.getloadavg()[0]:.1f})")
+            print(f"{'self ms':>9} {'share':>6} {'calls':>6}  op")
+            for event in events[:rows]:
+                print(f"{event.self_cpu_time_total / 1e3:9.1f} {event.self_cpu_time_total / total:6.1%} "
+                      f"{event.count:6d}  {event.key[:70]}")
 
 
 def sync(device):
@@ -234,7 +287,7 @@ def run_driver(args):
     device = torch.device(args.device)
     rate = matmul_rate(device, getattr(torch, profile.dtype), args.threads)
     env = point_env(args.allocator, root)
-    print(f"profile {args.profile} {profile}; allocator {args.allocator}; threads {args.threads}; "
+    print(f"profile {args.profile} {profile}; allocator {args.allocator}; threads {args.threads}; clock {args.clock}; "
           f"load average {os.getloadavg()[0]:.1f}; matmul rate {rate / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for length in args.lengths:
@@ -270,6 +323,9 @@ def run_point_process(args, variant: str, length: int, env: dict):
         cmd += ["--budget-mb", str(args.budget_mb)]
     if not args.live_peak:
         cmd.append("--no-live-peak")
+    if args.compile:
+        cmd.append("--compile")
+    cmd += ["--clock", args.clock]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"{variant} L={length}: failed (rc {proc.returncode}): {proc.stderr.strip()[-400:]}", flush=True)
@@ -281,11 +337,11 @@ def format_row(row, baseline) -> str:
     ratio = f"{row['tokens_per_s'] / baseline:5.2f}x" if baseline else "   - "
     live = f"{row['live_step_peak_mb']:8.0f}" if "live_step_peak_mb" in row else "       -"
     return (f"{row['length']:>8} {row['variant']:>2} {row['tokens_per_s']:9.0f} {ratio:>6} {row['mfu'] * 100:5.1f}% "
-            f"{row['peak_rss_mb']:9.0f} {live} {row['loss']:.4f}")
+            f"{row['peak_rss_mb']:9.0f} {live} {row['loss']:.4f} {row.get('warmup_s', float('nan')):8.1f}")
 
 
 def print_table(rows, rate):
-    print(f"\n{'length':>8} {'v':>2} {'tokens/s':>9} {'vs c':>6} {'MFU':>6} {'RSS MiB':>9} {'live MiB':>8} loss")
+    print(f"\n{'length':>8} {'v':>2} {'tokens/s':>9} {'vs c':>6} {'MFU':>6} {'RSS MiB':>9} {'live MiB':>8} loss   warmup_s")
     for row in rows:
         base = [r for r in rows if r["length"] == row["length"] and r["variant"] == "c"]
         print(format_row(row, base[0]["tokens_per_s"] if base else None))
@@ -309,6 +365,13 @@ def parse_args(argv=None):
                         help="glibc defaults, or the allocator launch/pretrain.sh configures for CPU runs")
     parser.add_argument("--no-live-peak", dest="live_peak", action="store_false",
                         help="skip the extra profiled step that measures the live-tensor peak")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="step time as wall time, or as the process's CPU time (with --threads 1 this "
+                        "barely depends on other load; tokens/s are then per CPU-second)")
+    parser.add_argument("--compile", action="store_true",
+                        help="RMT variants run their decoder through torch.compile (compile time: warmup_s)")
+    parser.add_argument("--op-profile", action="store_true",
+                        help="instead of timing, print each variant's ops by self CPU time (one profiled step)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
@@ -320,6 +383,8 @@ def parse_args(argv=None):
         parser.error(f"--steps {args.steps}, --threads {args.threads}, --repeats {args.repeats}: each must be >= 1")
     if "m" in args.variants and args.budget_mb is None:
         parser.error("variant m needs --budget-mb (the checkpoint memory budget in MiB)")
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error(f"--clock cpu measures host CPU time; with --device {args.device} use --clock wall")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available here; valid: cpu")
     return args
@@ -329,5 +394,7 @@ if __name__ == "__main__":
     arguments = parse_args()
     if arguments.point:
         print(json.dumps(run_point(arguments)))
+    elif arguments.op_profile:
+        op_profile(arguments)
     else:
         run_driver(arguments)

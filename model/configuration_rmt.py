@@ -23,6 +23,10 @@ class RMTConfig(PretrainedConfig):
         segments as needed to fit the budget (the first segment runs un-checkpointed to measure its
         activations; later ones stay un-checkpointed while they fit). None: checkpointing is all or
         nothing, as set by gradient_checkpointing_enable().
+    fused_segment_loss: True (default) or False. True: in training, each segment's LM-head loss
+        computes its gradients in forward, chunk by chunk, and keeps only those for backward
+        (see segments.FusedLinearCrossEntropy; ZeRO-3-partitioned or non-Linear heads fall back).
+        False: F.cross_entropy on each chunk's logits, recomputed in backward when chunked.
     """
 
     model_type = "rmt"
@@ -36,6 +40,7 @@ class RMTConfig(PretrainedConfig):
         loss_from_segment=0,
         loss_chunk_size=1024,
         checkpoint_memory_budget_mb=None,
+        fused_segment_loss=True,
         **kwargs,
     ):
         self.backbone = dict(backbone) if backbone is not None else {"model_type": "llama"}
@@ -45,6 +50,7 @@ class RMTConfig(PretrainedConfig):
         self.loss_from_segment = loss_from_segment
         self.loss_chunk_size = loss_chunk_size
         self.checkpoint_memory_budget_mb = checkpoint_memory_budget_mb
+        self.fused_segment_loss = fused_segment_loss
         # Before the base init: its own validators already read vocab_size from the backbone.
         self.validate_rmt()
         super().__init__(**kwargs)
@@ -75,6 +81,10 @@ class RMTConfig(PretrainedConfig):
             raise ValueError(
                 f"checkpoint_memory_budget_mb={budget!r} is invalid: valid values are None (no budget: "
                 "checkpoint all segments or none) or a number of MiB > 0"
+            )
+        if not isinstance(self.fused_segment_loss, bool):
+            raise ValueError(
+                f"fused_segment_loss={self.fused_segment_loss!r} is invalid: valid values are False or True"
             )
         if _not_int(self.bptt_depth) or not (self.bptt_depth == -1 or self.bptt_depth >= 1):
             raise ValueError(

@@ -145,9 +145,13 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         self._gradient_checkpointing_func = gradient_checkpointing_func if enable else None
 
     # ----- forward ----------------------------------------------------------------------
-    def _segment_step(self, memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from):
+    def _segment_step(self, memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from, fuse_loss=False):
         """One segment: (memory_in [B,M,D], tokens, targets [B,T] or None, mask [B,T] or None)
-        -> (loss_sum, num_tokens, memory_out [B,M,D], logits [B,T-logits_from,V] or None)."""
+        -> (loss_sum, num_tokens, memory_out [B,M,D], logits [B,T-logits_from,V] or None).
+
+        fuse_loss: the loss computes its gradients in forward (segments.FusedLinearCrossEntropy).
+        Only for segments that are not checkpointed: a checkpointed step runs forward twice, and
+        the fused forward's extra LM-head products would be paid twice for nothing."""
         if seg_embeds is None:
             seg_embeds = self.get_input_embeddings()(seg_ids)
         length = seg_embeds.shape[1]
@@ -172,7 +176,9 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             loss_sum = hidden.new_zeros((), dtype=torch.float32)
             num_tokens = torch.zeros((), dtype=torch.long, device=hidden.device)
         else:
-            loss_sum, num_tokens = lm_loss_sum(lm_head, token_hidden, seg_targets, self.config.loss_chunk_size)
+            loss_sum, num_tokens = lm_loss_sum(
+                lm_head, token_hidden, seg_targets, self.config.loss_chunk_size, fuse_loss
+            )
         logits = lm_head(token_hidden[:, logits_from:]) if logits_from is not None else None
         return loss_sum, num_tokens, new_memory, logits
 
@@ -287,7 +293,9 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
                 loss_sum, num_tokens, memory, seg_logits = checkpoint_func(self._segment_step, *args)
             else:
                 with counter.counting() if counter is not None else nullcontext():
-                    loss_sum, num_tokens, memory, seg_logits = self._segment_step(*args)
+                    loss_sum, num_tokens, memory, seg_logits = self._segment_step(
+                        *args, fuse_loss=self.config.fused_segment_loss
+                    )
             if budget is not None:
                 budget.end_segment()
             loss_sums.append(loss_sum)

@@ -9,6 +9,7 @@ are masked out, exactly the result) of the same row without its padding. Memory 
 """
 
 import torch
+from torch import nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -81,14 +82,18 @@ def _chunk_loss_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> tor
     )
 
 
-def lm_loss_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+def lm_loss_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, fused: bool = True):
     """(sum of token cross-entropies, number of valid targets) without [B, T, V] logits alive at once.
 
-    With more than one chunk and autograd on, each chunk's logits are recomputed in backward, so
-    only one [B, chunk, V] block exists at a time.
+    Training (autograd on, a plain nn.Linear head) uses the fused loss below when `fused`. Otherwise, with
+    more than one chunk and autograd on, each chunk's logits are recomputed in backward, so only
+    one [B, chunk, V] block exists at a time.
     """
     length = hidden.shape[1]
     num_tokens = (targets != IGNORE_INDEX).sum()
+    if fused and _can_fuse(lm_head, hidden):
+        total = FusedLinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, lm_head, chunk_size)
+        return total, num_tokens
     if length <= chunk_size:
         return _chunk_loss_sum(lm_head, hidden, targets), num_tokens
     recompute = torch.is_grad_enabled()
@@ -100,3 +105,90 @@ def lm_loss_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size
         else:
             total = total + _chunk_loss_sum(lm_head, h, y)
     return total, num_tokens
+
+
+def _can_fuse(lm_head, hidden: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled() or type(lm_head) is not nn.Linear:
+        return False
+    params = [p for p in (lm_head.weight, lm_head.bias) if p is not None]
+    if not (hidden.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    # ZeRO-3 keeps only a shard in .data outside the module's own forward; the fused loss reads
+    # the full weight directly, so partitioned heads take the unfused path.
+    return not any(hasattr(p, "ds_id") for p in params)
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum over valid targets of cross_entropy(lm_head(hidden).float(), targets), ignore_index -100.
+
+    The gradients w.r.t. hidden, weight and bias are computed in forward, one [B, chunk, V] block
+    of logits at a time, and only they are kept for backward, which just scales them by the
+    incoming gradient (exact: the loss is a scalar). No logits or log-softmax outlive their chunk,
+    backward recomputes nothing, the logits are freed once their softmax exists and the softmax
+    block turns into d(loss)/d(logits) in place, which saves the log-softmax, the zero-filled
+    [chunk, V] gradient and its extra passes of the unfused loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, lm_head, chunk_size):
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None  # [B, T, D]
+        # Summed over chunks in at least fp32 so a low-precision head loses nothing between chunks.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[1], chunk_size):
+            h = hidden[:, start : start + chunk_size]  # [B, C, D]
+            # [B*C, V] logits passed unnamed, so the callee can free them once softmax is taken.
+            grad_logits, valid, loss = _loss_and_grad_logits(
+                lm_head(h).float().flatten(0, 1), targets[:, start : start + chunk_size].reshape(-1)
+            )
+            total += loss
+            # Ignored rows are zeroed on the [rows, D] side of each product, which is V/D times
+            # cheaper than zeroing their [rows, V] gradient and needs no host sync.
+            if grad_hidden is not None:
+                block = (grad_logits.to(weight.dtype) @ weight) * valid.to(weight.dtype).unsqueeze(1)
+                grad_hidden[:, start : start + chunk_size] = block.view(h.shape)
+            if grad_weight is not None:
+                valid_h = h.reshape(-1, h.shape[-1]) * valid.to(h.dtype).unsqueeze(1)
+                grad_weight += (grad_logits.to(valid_h.dtype).t() @ valid_h).to(acc)
+            if grad_bias is not None:
+                grad_bias += (valid @ grad_logits).to(acc)
+        ctx.grad_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.grad_dtypes
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(weight_dtype)
+        if grad_bias is not None:
+            grad_bias = (grad_bias * grad_total).to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _loss_and_grad_logits(logits: torch.Tensor, targets: torch.Tensor):
+    """(softmax - one_hot(target), valid [R] as 0/1, loss sum) of fp32 logits [R, V], targets [R].
+
+    Rows whose target is IGNORE_INDEX add no loss; their gradient row is left as a plain softmax
+    for the caller to zero (see `valid`).
+    """
+    valid_mask = targets != IGNORE_INDEX
+    valid = valid_mask.to(logits.dtype)
+    safe_targets = torch.where(valid_mask, targets, 0).unsqueeze(1)
+    target_logits = logits.gather(1, safe_targets).squeeze(1)
+    row_max = logits.amax(dim=1)
+    # softmax's row-at-a-time kernel is about twice as fast as logsumexp plus exp over [R, V].
+    probs = torch.softmax(logits, dim=1)
+    del logits
+    # The largest probability is exp(max - logsumexp) >= 1/V, so its log recovers logsumexp
+    # without underflow (a target's own probability may be 0 in fp32).
+    log_norm = row_max - probs.amax(dim=1).log()
+    loss = ((log_norm - target_logits) * valid).sum()
+    probs.scatter_add_(1, safe_targets, -valid.unsqueeze(1))
+    return probs, valid, loss

@@ -30,9 +30,11 @@ def parse_sample(tokens):
     return tokens[0], tokens[1:sep], tokens[ans + 1:-1], sep, ans
 
 
+@pytest.mark.parametrize("distractors", ["fillers", "symbols"])
 @pytest.mark.parametrize("num_segments", [1, 2, 5])
-def test_layout_answers_follow_from_the_first_segment_only(tok, num_segments):
-    cfg = MemoryTaskConfig(tasks=["copy", "reverse", "associative_retrieval"], span_length=3)
+def test_layout_answers_follow_from_the_first_segment_only(tok, num_segments, distractors):
+    cfg = MemoryTaskConfig(tasks=["copy", "reverse", "associative_retrieval"], span_length=3,
+                           distractors=distractors)
     arrays = mt.generate(np.arange(60), num_segments, S, cfg, seed=3)
     seen = Counter()
     for ids, labels in zip(arrays["input_ids"], arrays["labels"]):
@@ -50,7 +52,8 @@ def test_layout_answers_follow_from_the_first_segment_only(tok, num_segments):
         assert supervised == expected
         if num_segments > 1:
             assert sep < S and ans >= (num_segments - 1) * S  # source in segment 0, answer in last
-        assert all(t.startswith("f") for t in tokens[sep + 1:ans])  # only distractors between
+        noise = "f" if distractors == "fillers" else "s"
+        assert all(t.startswith(noise) for t in tokens[sep + 1:ans])  # only distractors between
         labelled = [i for i, v in enumerate(labels) if v != mt.IGNORE]
         assert words(tok, labels[labelled]) == supervised
         assert all(tokens[i] == w for i, w in zip(labelled, supervised))
@@ -117,9 +120,10 @@ def final_segment_view(arrays, num_segments):
     return np.where(answer, -1, ids), np.where(answer, labels, -1)
 
 
-def test_final_segment_carries_no_information_about_its_answer():
+@pytest.mark.parametrize("distractors", ["fillers", "symbols"])
+def test_final_segment_carries_no_information_about_its_answer(distractors):
     """Acceptance 5: by construction a model without memory is at chance on the answers."""
-    cfg = MemoryTaskConfig(span_length=6, alphabet_size=8)
+    cfg = MemoryTaskConfig(span_length=6, alphabet_size=8, distractors=distractors)
     idx, n_seg = np.arange(400), 3
     base = mt.generate(idx, n_seg, S, cfg, seed=11, secret_seed=100)
     other = mt.generate(idx, n_seg, S, cfg, seed=11, secret_seed=200)
@@ -133,11 +137,12 @@ def test_final_segment_carries_no_information_about_its_answer():
     assert changed > 0.8  # 7/8 expected for independent uniform symbols
 
 
-def test_no_memory_predictor_stays_at_chance():
+@pytest.mark.parametrize("distractors", ["fillers", "symbols"])
+def test_no_memory_predictor_stays_at_chance(distractors):
     """The best count-based predictor that sees the final segment (task, position, the two
     previous tokens, which include earlier answers) scores chance; the same predictor
     given the first segment scores 1, so the test can tell the difference."""
-    cfg = MemoryTaskConfig(span_length=6, alphabet_size=8)
+    cfg = MemoryTaskConfig(span_length=6, alphabet_size=8, distractors=distractors)
     n_seg = 2
 
     def contexts(arrays, with_memory):

@@ -194,6 +194,9 @@ class DeepSpeedConfig:
     offload_optimizer: bool = doc(False, "ZeRO-Offload: optimizer state on CPU (stage >= 1)")
     offload_param: bool = doc(False, "ZeRO-Infinity: parameters on CPU (stage 3)")
     precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "training precision")
+    initial_scale_power: int = doc(16, "fp16: dynamic loss scale starts at 2^this")
+    min_loss_scale: float = doc(1.0, "fp16: the loss scale never goes below this; a non-finite "
+                                "step at this scale stops the run (exit 3)")
     template: Optional[str] = doc(None, "DeepSpeed JSON template; null = ds_configs/zero{stage}"
                                   "[_offload].json")
     extra: dict = doc(text="keys merged into the DeepSpeed config last (not batch/precision/"
@@ -210,6 +213,12 @@ class DeepSpeedConfig:
         out = []
         if self.zero_stage not in (0, 1, 2, 3):
             return [f"deepspeed.zero_stage: {self.zero_stage} must be 0, 1, 2 or 3"]
+        if not 0 <= self.initial_scale_power <= 32:
+            out.append(f"deepspeed.initial_scale_power: {self.initial_scale_power} must be in "
+                       f"[0, 32]")
+        if not self.min_loss_scale > 0 or self.min_loss_scale > 2.0 ** self.initial_scale_power:
+            out.append(f"deepspeed.min_loss_scale: {self.min_loss_scale} must be > 0 and <= "
+                       f"2^initial_scale_power ({2.0 ** self.initial_scale_power:g})")
         if self.offload_optimizer and self.zero_stage == 0:
             out.append("deepspeed.offload_optimizer: needs zero_stage >= 1")
         if self.offload_param and self.zero_stage != 3:
@@ -250,7 +259,8 @@ class DeepSpeedConfig:
             "gradient_clipping": optim.grad_clip,
             "bf16": {"enabled": self.precision == "bf16"},
             "fp16": {"enabled": self.precision == "fp16", "loss_scale": 0,
-                     "initial_scale_power": 16},
+                     "initial_scale_power": self.initial_scale_power,
+                     "min_loss_scale": self.min_loss_scale},
             # The trainer passes its own torch AdamW (see trainer.build_optimizer).
             "zero_allow_untested_optimizer": True,
             "zero_force_ds_cpu_optimizer": False,

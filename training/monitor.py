@@ -4,6 +4,7 @@ Only rank 0 writes; other ranks get a Monitor whose methods do nothing but log w
 Scalar tags (TensorBoard groups by the prefix before '/'):
   train/loss, train/ppl, train/loss_segment_{i}, train/lr, train/grad_norm, train/skipped_steps,
   train/tokens_per_s, train/samples_seen, train/num_segments, train/step_time_s, train/mfu (GPU),
+  train/loss_scale (fp16),
   system/memory_gb (GPU: peak allocated; CPU: resident set size),
   eval/loss, eval/loss_segment_{i}, eval/memory_exact_match_{n}seg, eval/memory_token_acc_{n}seg
 """

@@ -74,9 +74,11 @@ def fail(message: str, rank: int) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    # torch 2.13 deprecates the all-gather that DeepSpeed 0.19 issues on every ZeRO-3 fetch; the
-    # warning is not actionable by users and would flood the console.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    # torch 2.13 deprecates the all-gather and reduce-scatter that DeepSpeed 0.19 issues on every
+    # ZeRO-3 fetch and gradient reduction; the warning is not actionable by users and would flood
+    # the console (thousands of lines per run).
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
     args = parse_args(argv)
     from training.trainer import install_stop_signal_handlers
     install_stop_signal_handlers()

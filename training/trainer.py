@@ -6,10 +6,11 @@ One optimizer step (`Trainer.train_step`):
   2. all-reduce the number of valid targets T of the whole global batch;
   3. backward each micro-batch's `loss_sum * accum * world / T`: DeepSpeed divides by `accum`
      and averages over ranks, so the gradient is exactly that of the global token mean;
-  4. all-reduce one vector holding the loss sums, per-segment sums, a non-finite flag (loss or
-     any gradient, seen by tensor hooks on every parameter) and a stop-request flag;
+  4. all-reduce one vector holding the loss sums, per-segment sums, non-finite flags (loss; any
+     gradient, seen by tensor hooks on every parameter) and a stop-request flag;
   5. set the learning rate, then `engine.step()`; a non-finite step leaves the weights and the
-     optimizer state untouched (GuardedAdamW) and is counted; K in a row abort the run.
+     optimizer state untouched (GuardedAdamW; fp16 overflows: DeepSpeed's loss scaler) and is
+     counted; K in a row abort the run (training/guard.py says what counts, per precision).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from training import checkpoint as ckpt_lib
 from training.config import TrainConfig
 from training.distributed import DistInfo, barrier
+from training.guard import classify_step
 from training.monitor import Monitor, memory_gb, peak_flops_per_device, segment_scalars
 
 log = logging.getLogger("training")
@@ -218,6 +220,12 @@ class Trainer:
             if p.requires_grad:
                 p.register_hook(check_first if p is first else check)
 
+    def _loss_scale(self) -> Optional[float]:
+        """DeepSpeed's current dynamic loss scale (fp16), else None."""
+        if self.cfg.deepspeed.precision != "fp16":
+            return None
+        return float(self.engine.optimizer.loss_scale)
+
     # ---------------------------------------------------------------------------- collectives
     def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         import deepspeed.comm as ds_comm
@@ -272,14 +280,26 @@ class Trainer:
             seg_counts += seg_n
         self._inject_grad_now = False
 
-        local_bad = bool(self._grad_nonfinite) or not math.isfinite(float(loss_sum))
+        loss_bad = not math.isfinite(float(loss_sum))
+        grads_bad = bool(self._grad_nonfinite)
         reduced = self._all_reduce_sum(torch.cat([
-            torch.tensor([float(loss_sum) if not local_bad else 0.0, float(local_bad),
-                          float(self.stop_requested or stop_signal_received())],
+            torch.tensor([float(loss_sum) if not (loss_bad or grads_bad) else 0.0, float(loss_bad),
+                          float(self.stop_requested or stop_signal_received()), float(grads_bad)],
                          dtype=torch.float64),
             seg_sums, seg_counts]))
-        nonfinite = reduced[1].item() > 0
         self.stop_requested = reduced[2].item() > 0
+        loss_scale = self._loss_scale()
+        verdict = classify_step(loss_finite=reduced[1].item() == 0,
+                                grads_finite=reduced[3].item() == 0,
+                                precision=cfg.deepspeed.precision, loss_scale=loss_scale,
+                                min_loss_scale=cfg.deepspeed.min_loss_scale)
+        nonfinite = verdict.skipped
+        if verdict.fatal_before_step:
+            raise NonFiniteAbort(
+                f"non-finite loss or gradient at step {self.step + 1} with the fp16 loss scale "
+                f"already at its minimum ({loss_scale:g}, deepspeed.min_loss_scale): not an "
+                f"overflow the scaler can fix; last complete checkpoint: "
+                f"{ckpt_lib.newest_complete(self.ckpt.root)}")
 
         lr = lr_at(self.step, cfg)
         for group in self.engine.optimizer.param_groups:
@@ -295,18 +315,22 @@ class Trainer:
         positions = global_samples * n_segments * cfg.model.segment_size
         self.samples_seen += global_samples
         self.tokens_seen += positions
-        if nonfinite:
+        if verdict.counts_towards_abort:
             self.skipped_steps += 1
             self.nonfinite_in_a_row += 1
             log.warning("step %d: non-finite loss or gradient on some rank; step skipped "
                         "(%d in a row, %d total)", self.step, self.nonfinite_in_a_row,
                         self.skipped_steps)
+        elif nonfinite:  # fp16 overflow: DeepSpeed skipped the update and lowered the scale
+            self.skipped_steps += 1
+            log.info("step %d: fp16 gradient overflow at loss scale %g; step skipped, scale "
+                     "lowered (%d skipped in total)", self.step, loss_scale, self.skipped_steps)
         else:
             self.nonfinite_in_a_row = 0
         step_time = time.perf_counter() - start
 
-        n = reduced[3 + n_segments:]
-        seg_losses = (reduced[3:3 + n_segments] / n.clamp(min=1)).masked_fill(n == 0, math.nan)
+        n = reduced[4 + n_segments:]
+        seg_losses = (reduced[4:4 + n_segments] / n.clamp(min=1)).masked_fill(n == 0, math.nan)
         loss = reduced[0].item() / max(total_targets, 1) if not nonfinite else math.nan
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
@@ -323,6 +347,8 @@ class Trainer:
             "system/memory_gb": memory_gb(),
             **segment_scalars("train", seg_losses.tolist()),
         }
+        if loss_scale is not None:
+            metrics["train/loss_scale"] = float(loss_scale)
         if self.gpu and self.peak_flops:
             backbone_positions = global_samples * n_segments * (
                 cfg.model.segment_size + 2 * cfg.model.num_mem_tokens)

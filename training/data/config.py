@@ -85,6 +85,10 @@ class MemoryTaskConfig:
                                     "(associative retrieval); every one is a supervised answer")
     alphabet_size: int = described(8, "distinct symbols the remembered content is drawn from")
     filler_size: int = described(16, "distinct distractor tokens that fill the other positions")
+    distractors: Literal["fillers", "symbols"] = described(
+        "fillers", "what fills the other positions: fillers (filler_size tokens of their own) or "
+                   "symbols (random symbols of the content's alphabet, so only position tells "
+                   "content from noise)")
 
     def problems(self, where: str) -> list[str]:
         from training.data.memory_tasks import MAX_ALPHABET, MAX_FILLER  # avoids a cycle
@@ -106,6 +110,8 @@ class MemoryTaskConfig:
         elif "associative_retrieval" in self.tasks and self.span_length > self.alphabet_size:
             out.append(f"{where}.span_length: {self.span_length} key-value pairs need as many "
                        f"distinct keys; alphabet_size is {self.alphabet_size}")
+        if self.distractors not in ("fillers", "symbols"):
+            out.append(f"{where}.distractors: {self.distractors!r} must be fillers or symbols")
         if not 1 <= self.filler_size <= MAX_FILLER:
             out.append(f"{where}.filler_size: {self.filler_size} must be in [1, {MAX_FILLER}]")
         return out

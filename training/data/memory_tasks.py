@@ -7,6 +7,9 @@ Layout of one sample of N segments of S tokens (N >= 2):
     segment N-1      [f f ... <ans> y1 .. yK <eos>]              answer span, y = task(x)
 
 With N = 1 both blocks share the segment (a warm-up the model can solve without memory).
+Distractors f are filler tokens of their own (`distractors: fillers`) or random symbols of the
+content's alphabet (`distractors: symbols`: only the position after the task marker tells what
+must be remembered).
 Labels are -100 except on the answer tokens y, so the loss and the exact-match accuracy are
 taken on K supervised tokens per sample (dense supervision: SPEC 3 shows a sparse answer is
 not learned). Associative retrieval stores K key-value pairs and asks for every key once in a
@@ -82,7 +85,10 @@ def generate(indices, num_segments: int, segment_size: int, cfg: MemoryTaskConfi
     B, L, K = len(idx), num_segments * segment_size, cfg.span_length
     col = idx[:, None]
 
-    ids = (FILLER0 + rng.randint(cfg.filler_size, seed, "filler", col, np.arange(L))).astype(np.int64)
+    # Distractors come from the public stream either way, so they say nothing about the answers.
+    first, size = ((SYMBOL0, cfg.alphabet_size) if cfg.distractors == "symbols"
+                   else (FILLER0, cfg.filler_size))
+    ids = (first + rng.randint(size, seed, "filler", col, np.arange(L))).astype(np.int64)
     labels = np.full((B, L), IGNORE, dtype=np.int64)
     if task is None:
         task_ids = _task_ids(cfg, seed, idx)
