@@ -9,6 +9,7 @@ run on it. The memory-update variants exist only here, as experiments; the shipp
     prenorm       the hidden state before the final norm, RMS-normalised without a learned scale
     prenorm_raw   the hidden state before the final norm, as is
     gated         M_t = g * H_t + (1 - g) * M_{t-1}, g = sigmoid(w . H_t + b) per memory slot
+    noise         base, plus Gaussian noise of --noise times the memory's RMS in training only
 
     python bench/memory_probe.py --task copy --schedule 0=2,300=3,600=4 --steps 900 \\
         --eval-segments 4,8,16,64 --variant prenorm_raw
@@ -30,7 +31,7 @@ from model import RMTConfig, RMTForCausalLM  # noqa: E402
 from training.data import memory_tasks as mt  # noqa: E402
 from training.data.config import MemoryTaskConfig  # noqa: E402
 
-VARIANTS = ("base", "prenorm", "prenorm_raw", "gated")
+VARIANTS = ("base", "prenorm", "prenorm_raw", "gated", "noise")
 
 
 def parse_schedule(text: str) -> list[tuple[int, int]]:
@@ -53,11 +54,11 @@ def build_model(args) -> RMTForCausalLM:
         num_mem_tokens=args.mem, segment_size=args.segment_size)
     model = RMTForCausalLM(config)
     if args.variant != "base":
-        patch_memory_update(model, args.variant)
+        patch_memory_update(model, args.variant, args.noise)
     return model
 
 
-def patch_memory_update(model: RMTForCausalLM, variant: str) -> None:
+def patch_memory_update(model: RMTForCausalLM, variant: str, noise: float = 0.0) -> None:
     """Replace how the next memory is formed, on this instance only."""
     m = model.config.num_mem_tokens
     norm = model.decoder.norm
@@ -76,6 +77,10 @@ def patch_memory_update(model: RMTForCausalLM, variant: str) -> None:
             new_memory = pre * torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + 1e-6)
         elif variant == "prenorm_raw":
             new_memory = pre
+        elif variant == "noise":
+            if model.training:
+                rms = new_memory.detach().pow(2).mean(-1, keepdim=True).sqrt()
+                new_memory = new_memory + noise * rms * torch.randn_like(new_memory)
         else:
             gate = torch.sigmoid(model.gate(new_memory))  # [B, M, 1]
             new_memory = gate * new_memory + (1 - gate) * memory.to(new_memory.dtype)
@@ -88,6 +93,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=["copy", "reverse", "associative_retrieval"], default="copy")
     p.add_argument("--variant", choices=VARIANTS, default="base")
+    p.add_argument("--noise", type=float, default=0.3, help="variant noise: relative noise level")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--mem", type=int, default=8)
@@ -113,11 +119,13 @@ def main(argv=None) -> None:
 
     def evaluate(step):
         scores = []
+        model.eval()
         with torch.no_grad():
             for n in eval_segments:
                 batch = mt.make_eval_batch(args.task, n, args.segment_size, 128, seed=0, cfg=tasks)
                 logits = model(batch["input_ids"], labels=batch["labels"], return_logits=True).logits
                 scores.append(f"{n}: {mt.answer_accuracy(logits, batch['labels'])[1]:.3f}")
+        model.train()
         print(f"step {step}: exact match by segments {{{', '.join(scores)}}} ({time.time() - start:.0f} s)",
               flush=True)
 
