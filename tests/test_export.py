@@ -23,12 +23,12 @@ from training import export
 PROBE_LENGTH = 40  # 2.5 segments of 16: memory carried twice, short last segment
 
 ENGINE_REFERENCE = textwrap.dedent("""
-    import sys
+    import os, sys
     from pathlib import Path
     import torch
     from safetensors.torch import load_file, save_file
     from training.config import load_config
-    from training.distributed import destroy, init_distributed
+    from training.distributed import init_distributed
     from training.trainer import Trainer
 
     run, probe_path, out_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -42,9 +42,12 @@ ENGINE_REFERENCE = textwrap.dedent("""
         logits = trainer.engine(input_ids=load_file(probe_path)["input_ids"]).logits
     if dist.rank == 0:
         save_file({"logits": logits.float().contiguous()}, out_path)
-        print("RESUMED", resumed.name)
-    trainer.close()
-    destroy()
+        print("RESUMED", resumed.name, flush=True)
+    # Both ranks are done; leave without interpreter teardown. This helper only produces the
+    # reference logits, and gloo/DeepSpeed thread teardown once aborted a rank here
+    # ("terminate called without an active exception", exit -6) after the work was done.
+    torch.distributed.barrier()
+    os._exit(0)
 """)
 
 FRESH_LOAD = textwrap.dedent("""
