@@ -315,14 +315,14 @@ class Trainer:
         positions = global_samples * n_segments * cfg.model.segment_size
         self.samples_seen += global_samples
         self.tokens_seen += positions
-        if verdict.counts_towards_abort:
+        if nonfinite:
             self.skipped_steps += 1
+        if verdict.counts_towards_abort:
             self.nonfinite_in_a_row += 1
             log.warning("step %d: non-finite loss or gradient on some rank; step skipped "
                         "(%d in a row, %d total)", self.step, self.nonfinite_in_a_row,
                         self.skipped_steps)
         elif nonfinite:  # fp16 overflow: DeepSpeed skipped the update and lowered the scale
-            self.skipped_steps += 1
             log.info("step %d: fp16 gradient overflow at loss scale %g; step skipped, scale "
                      "lowered (%d skipped in total)", self.step, loss_scale, self.skipped_steps)
         else:
