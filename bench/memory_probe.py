@@ -9,7 +9,9 @@ run on it. The memory-update variants exist only here, as experiments; the shipp
     prenorm       the hidden state before the final norm, RMS-normalised without a learned scale
     prenorm_raw   the hidden state before the final norm, as is
     gated         M_t = g * H_t + (1 - g) * M_{t-1}, g = sigmoid(w . H_t + b) per memory slot
-    noise         base, plus Gaussian noise of --noise times the memory's RMS in training only
+    noise         base with the model's memory_noise = --noise (Gaussian noise of that times the
+                  memory's RMS between segments, training only), optionally off until --noise-from
+                  and ramped up linearly over --noise-ramp steps
 
     python bench/memory_probe.py --task copy --schedule 0=2,300=3,600=4 --steps 900 \\
         --eval-segments 4,8,16,64 --variant prenorm_raw
@@ -53,12 +55,12 @@ def build_model(args) -> RMTForCausalLM:
                       tie_word_embeddings=False),
         num_mem_tokens=args.mem, segment_size=args.segment_size)
     model = RMTForCausalLM(config)
-    if args.variant != "base":
-        patch_memory_update(model, args.variant, args.noise)
+    if args.variant not in ("base", "noise"):
+        patch_memory_update(model, args.variant)
     return model
 
 
-def patch_memory_update(model: RMTForCausalLM, variant: str, noise: float = 0.0) -> None:
+def patch_memory_update(model: RMTForCausalLM, variant: str) -> None:
     """Replace how the next memory is formed, on this instance only."""
     m = model.config.num_mem_tokens
     norm = model.decoder.norm
@@ -77,10 +79,6 @@ def patch_memory_update(model: RMTForCausalLM, variant: str, noise: float = 0.0)
             new_memory = pre * torch.rsqrt(pre.pow(2).mean(-1, keepdim=True) + 1e-6)
         elif variant == "prenorm_raw":
             new_memory = pre
-        elif variant == "noise":
-            if model.training:
-                rms = new_memory.detach().pow(2).mean(-1, keepdim=True).sqrt()
-                new_memory = new_memory + noise * rms * torch.randn_like(new_memory)
         else:
             gate = torch.sigmoid(model.gate(new_memory))  # [B, M, 1]
             new_memory = gate * new_memory + (1 - gate) * memory.to(new_memory.dtype)
@@ -94,6 +92,8 @@ def main(argv=None) -> None:
     p.add_argument("--task", choices=["copy", "reverse", "associative_retrieval"], default="copy")
     p.add_argument("--variant", choices=VARIANTS, default="base")
     p.add_argument("--noise", type=float, default=0.3, help="variant noise: relative noise level")
+    p.add_argument("--noise-from", type=int, default=0, help="variant noise: no noise before this step")
+    p.add_argument("--noise-ramp", type=int, default=0, help="variant noise: steps to ramp up to --noise")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--mem", type=int, default=8)
@@ -134,6 +134,9 @@ def main(argv=None) -> None:
         n_segments = [n for s, n in schedule if step >= s][-1]
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 50)
+        if args.variant == "noise":
+            ramp = 1.0 if step >= args.noise_from + args.noise_ramp else (step - args.noise_from + 1) / (args.noise_ramp + 1)
+            model.config.memory_noise = args.noise * max(0.0, ramp)
         arrays = mt.generate(np.arange(step * args.batch, (step + 1) * args.batch), n_segments,
                              args.segment_size, tasks, seed=1)
         out = model(torch.from_numpy(arrays["input_ids"]), labels=torch.from_numpy(arrays["labels"]))

@@ -8,6 +8,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 # max_position_embeddings). RoPE models also declare a maximum: respect it as well.
 _POSITION_LIMIT_ATTRS = ("n_positions", "max_position_embeddings")
 
+# RMTConfig's own settings (everything but the backbone), as RMTForCausalLM.from_backbone takes them.
+RMT_SETTINGS = (
+    "num_mem_tokens", "segment_size", "bptt_depth", "loss_from_segment", "loss_chunk_size",
+    "checkpoint_memory_budget_mb", "fused_segment_loss", "memory_noise",
+)
+
 
 class RMTConfig(PretrainedConfig):
     """Recurrent Memory Transformer settings.
@@ -27,6 +33,11 @@ class RMTConfig(PretrainedConfig):
         computes its gradients in forward, chunk by chunk, and keeps only those for backward
         (see segments.FusedLinearCrossEntropy; ZeRO-3-partitioned or non-Linear heads fall back).
         False: F.cross_entropy on each chunk's logits, recomputed in backward when chunked.
+    memory_noise: 0.0 (default: off) or sigma > 0. In training mode only, the memory handed from one
+        segment to the next gets Gaussian noise of sigma times its own RMS (per slot, not
+        differentiated). Trained at <= 4 segments, a memory code must then survive perturbation,
+        which is what keeps it readable at 16x the trained number of segments (docs/results.md,
+        section 4). Evaluation and generation (eval mode) never add noise.
     """
 
     model_type = "rmt"
@@ -41,6 +52,7 @@ class RMTConfig(PretrainedConfig):
         loss_chunk_size=1024,
         checkpoint_memory_budget_mb=None,
         fused_segment_loss=True,
+        memory_noise=0.0,
         **kwargs,
     ):
         self.backbone = dict(backbone) if backbone is not None else {"model_type": "llama"}
@@ -51,6 +63,7 @@ class RMTConfig(PretrainedConfig):
         self.loss_chunk_size = loss_chunk_size
         self.checkpoint_memory_budget_mb = checkpoint_memory_budget_mb
         self.fused_segment_loss = fused_segment_loss
+        self.memory_noise = memory_noise
         # Before the base init: its own validators already read vocab_size from the backbone.
         self.validate_rmt()
         super().__init__(**kwargs)
@@ -85,6 +98,12 @@ class RMTConfig(PretrainedConfig):
         if not isinstance(self.fused_segment_loss, bool):
             raise ValueError(
                 f"fused_segment_loss={self.fused_segment_loss!r} is invalid: valid values are False or True"
+            )
+        noise = self.memory_noise
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < float("inf"):
+            raise ValueError(
+                f"memory_noise={noise!r} is invalid: valid values are 0 (off) or a finite number > 0 "
+                "(noise std relative to the memory's RMS, e.g. 1.0)"
             )
         if _not_int(self.bptt_depth) or not (self.bptt_depth == -1 or self.bptt_depth >= 1):
             raise ValueError(

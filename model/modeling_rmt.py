@@ -11,6 +11,8 @@ M memory (m), D hidden, V vocab.
 Segment t: the backbone sees [M_{t-1} (read, M) ; embed(x_t) (T) ; M_{t-1} (write, M)] and
 M_t is its final hidden state (after the final norm) at the write positions. Logits and loss
 exist only for the T token positions; the loss of a segment is computed inside its step.
+With memory_noise = sigma > 0, training mode hands segment t+1 the memory
+M_t + sigma * rms(M_t) * N(0, 1) (rms per slot, not differentiated); eval mode hands it M_t.
 
 Padding: segments are cut at fixed offsets of the [B, L] batch; pads are masked and do not
 advance positions, so a right-padded row computes exactly what the row alone computes. A
@@ -34,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .checkpoint_budget import CheckpointBudget
 
-from .configuration_rmt import RMTConfig
+from .configuration_rmt import RMT_SETTINGS, RMTConfig
 from .generation_rmt import RMTDecodingState, decode_tokens
 from .segments import lm_loss_sum, segment_layout, shifted_targets
 
@@ -74,33 +76,23 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ----- construction ---------------------------------------------------------------
     @classmethod
-    def from_backbone(
-        cls,
-        backbone,
-        *,
-        num_mem_tokens: int,
-        segment_size: int,
-        bptt_depth: int = -1,
-        loss_from_segment: int = 0,
-        loss_chunk_size: int = 1024,
-        **from_pretrained_kwargs,
-    ) -> "RMTForCausalLM":
-        """Add memory to a causal LM (a path/hub name or a loaded model); its weights are kept."""
+    def from_backbone(cls, backbone, **kwargs) -> "RMTForCausalLM":
+        """Add memory to a causal LM (a path/hub name or a loaded model); its weights are kept.
+
+        kwargs named in RMT_SETTINGS (num_mem_tokens and segment_size required) configure the
+        memory; any others go to AutoModelForCausalLM.from_pretrained (e.g. torch_dtype)."""
+        settings = {k: kwargs.pop(k) for k in RMT_SETTINGS if k in kwargs}
+        missing = [k for k in ("num_mem_tokens", "segment_size") if k not in settings]
+        if missing:
+            raise ValueError(f"from_backbone: {missing} required (RMT settings: {', '.join(RMT_SETTINGS)})")
         if isinstance(backbone, (str, os.PathLike)):
-            backbone = AutoModelForCausalLM.from_pretrained(backbone, **from_pretrained_kwargs)
-        elif from_pretrained_kwargs:
+            backbone = AutoModelForCausalLM.from_pretrained(backbone, **kwargs)
+        elif kwargs:
             raise ValueError(
-                f"from_backbone: {sorted(from_pretrained_kwargs)} only apply when backbone is a path or name"
+                f"from_backbone: {sorted(kwargs)} are neither RMT settings ({', '.join(RMT_SETTINGS)}) nor "
+                "from_pretrained arguments (those only apply when backbone is a path or name)"
             )
-        config = RMTConfig(
-            backbone=backbone.config.to_dict(),
-            num_mem_tokens=num_mem_tokens,
-            segment_size=segment_size,
-            bptt_depth=bptt_depth,
-            loss_from_segment=loss_from_segment,
-            loss_chunk_size=loss_chunk_size,
-        )
-        return cls(config, backbone=backbone)
+        return cls(RMTConfig(backbone=backbone.config.to_dict(), **settings), backbone=backbone)
 
     def _init_weights(self, module):
         # Only M0 belongs to this class; the backbone initialises (or loaded) its own weights.
@@ -246,8 +238,16 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         if budget_mb is None:
             return None
         # A checkpointed segment keeps its memory input and output (the inputs are the caller's).
-        residue = 2 * memory.numel() * memory.element_size()
-        return CheckpointBudget(budget_mb * 2**20, residue)
+        return CheckpointBudget(
+            budget_mb * 2**20, 2 * memory.numel() * memory.element_size(), on_host=memory.device.type == "cpu"
+        )
+
+    def _perturb_memory(self, memory):
+        sigma = self.config.memory_noise
+        if not (self.training and sigma):
+            return memory
+        rms = memory.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(memory.dtype)  # [B, M, 1]
+        return memory + sigma * rms * torch.randn_like(memory)
 
     def _initial_memory(self, batch: int, memory):
         return memory if memory is not None else self.memory.unsqueeze(0).expand(batch, -1, -1)
@@ -298,6 +298,9 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
                     )
             if budget is not None:
                 budget.end_segment()
+            if t + 1 < num_segments:
+                # Outside the (checkpointed) step: the recompute in backward must not redraw it.
+                memory = self._perturb_memory(memory)
             loss_sums.append(loss_sum)
             token_counts.append(num_tokens)
             if seg_logits is not None:

@@ -106,6 +106,7 @@ BAD_CASES = {
     "world_size_does_not_fit": ("", ["batch.micro_batch_size=16", "batch.global_batch_size=32"],
                                 {"WORLD_SIZE": "3"}, ["world size 3"]),
     "model_rejects": ("", ["model.num_mem_tokens=0"], {}, ["num_mem_tokens"]),
+    "negative_memory_noise": ("", ["model.memory_noise=-0.5"], {}, ["memory_noise=-0.5 is invalid"]),
     "positions_exceed_backbone": ("", ["model.segment_size=60"], {}, ["max_position_embeddings"]),
     "negative_lr_and_bad_stage": ("", ["optim.lr=-1", "deepspeed.zero_stage=5"], {},
                                   ["optim.lr: -1.0 must be > 0", "deepspeed.zero_stage: 5"]),

@@ -26,9 +26,12 @@ def run_step(model, ids, mask, seed):
 
 
 @pytest.mark.parametrize("backbone", ["llama", "gpt2"])
-def test_budgeted_checkpointing_matches_plain_step_at_every_budget(backbone):
+def test_budgeted_checkpointing_matches_plain_step_at_every_budget(backbone, monkeypatch):
     # Checkpointed segments take the plain loss, the others the fused one (same maths, other
     # rounding; tests/test_perf_fused_loss.py): the plain loss everywhere isolates checkpointing.
+    # The graph estimate is off here (it would dwarf these tiny activations and squeeze the budgets
+    # below into a sliver); the next test checks the accounting with it.
+    monkeypatch.setattr("model.checkpoint_budget.GRAPH_BYTES_PER_SAVED_TENSOR", 0)
     model = tiny_rmt(backbone, dropout=0.2, num_mem_tokens=2, segment_size=SEG, bptt_depth=3,
                      fused_segment_loss=False).train()
     ids = random_tokens(2, SEGMENTS * SEG - 2, seed=4)  # a short last segment
@@ -56,23 +59,29 @@ def test_budgeted_checkpointing_matches_plain_step_at_every_budget(backbone):
 
 def test_budget_is_measured_from_saved_activations_not_weights():
     """A budget between k and k + 1 segments' activations keeps exactly k segments un-checkpointed."""
-    from model.checkpoint_budget import SavedBytesCounter
+    from model.checkpoint_budget import GRAPH_BYTES_PER_SAVED_TENSOR, SavedBytesCounter
+    from model.segments import shifted_targets
 
     model = tiny_rmt("llama", num_mem_tokens=2, segment_size=SEG).train()
     ids = random_tokens(1, SEG)
     counter = SavedBytesCounter()
-    with counter.counting():
-        model(ids, labels=ids)
+    with counter.counting():  # one segment step, as the model's first (measured) segment runs it
+        model._segment_step(model.memory[None], ids, None, shifted_targets(ids, None), None, None, fuse_loss=True)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     # Independent bound: a segment's saved activations scale with its positions, not the weights.
     assert 0 < counter.bytes < weights, (counter.bytes, weights)
 
     length = SEGMENTS * SEG
-    residue = 2 * 2 * model.config.hidden_size * 4  # memory in + out of a checkpointed segment
+    # A checkpointed segment keeps its memory in + out and its autograd graph (estimated per
+    # saved tensor); an un-checkpointed one its activations and the same graph.
+    graph = counter.saved_tensors * GRAPH_BYTES_PER_SAVED_TENSOR
+    assert 20 < counter.saved_tensors < 1000, counter.saved_tensors  # one per op input kept
+    residue = 2 * 2 * model.config.hidden_size * 4 + graph
+    segment = counter.bytes + graph
     for kept in (1, 3, 5):
         # Segment t stays un-checkpointed while kept + 2 segments + residue of later ones fit.
-        # (half a segment of slack: the measurement above also saw the few bytes of the final loss)
-        budget = (kept + 1) * counter.bytes + (SEGMENTS - kept) * residue + counter.bytes // 2
+        # (half a segment's activations of slack, well inside the gap between k and k + 1)
+        budget = (kept + 1) * segment + (SEGMENTS - kept) * residue + counter.bytes // 2
         model.config.checkpoint_memory_budget_mb = budget / 2**20
         model(random_tokens(1, length), labels=random_tokens(1, length)).loss.backward()
         assert model.last_checkpointed_segments == SEGMENTS - kept, kept

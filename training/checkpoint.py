@@ -172,7 +172,12 @@ def read_json(path: Path) -> dict:
 def rng_state() -> dict:
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
+    state = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Dropout and memory noise on a GPU draw from the device's generator, not the CPU one.
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return {
+        **state,
         "torch": torch.get_rng_state().tolist(),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
@@ -182,6 +187,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]

@@ -95,6 +95,9 @@ class ModelConfig:
                                                        "fit (null = none or all, per "
                                                        "gradient_checkpointing)")
     loss_chunk_size: int = doc(1024, "segment positions whose logits exist at once in the loss")
+    memory_noise: float = doc(0.0, "training only: Gaussian noise of this x the memory's RMS added "
+                              "between segments (1.0 makes the memory hold at 16x the trained "
+                              "segments; 0 = off)")
     init_from: Optional[str] = doc(None, "pretrained backbone folder (HF format) or null")
     max_sequence_length: Optional[int] = doc(None, "longest training sample in tokens; if set, "
                                              "must equal segment_size x the curriculum's largest "
@@ -105,7 +108,7 @@ class ModelConfig:
                 "segment_size": self.segment_size, "bptt_depth": self.bptt_depth,
                 "loss_from_segment": self.loss_from_segment,
                 "checkpoint_memory_budget_mb": self.checkpoint_memory_budget_mb,
-                "loss_chunk_size": self.loss_chunk_size}
+                "loss_chunk_size": self.loss_chunk_size, "memory_noise": self.memory_noise}
 
     def problems(self) -> list[str]:
         out = []

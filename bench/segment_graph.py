@@ -1,0 +1,104 @@
+"""What a checkpointed segment leaves alive between forward and backward, besides tensors.
+
+PyTorch's non-reentrant checkpoint (the one that works under ZeRO-3 when the same blocks run once
+per segment) keeps each segment's autograd graph - every node, with a small holder in place of
+each saved tensor - until backward. That costs a fixed amount per segment, independent of the
+hidden size, and is what makes a checkpointed step's resident memory grow with the number of
+segments (docs/benchmarks.md, "1M tokens"). This script counts the retained nodes and the
+resident memory added per segment by one checkpointed forward, at two segment counts, for a
+given backbone size. Backward is not run: the point is what stays alive at its start.
+
+    python bench/segment_graph.py                              # d=64 and d=256, 200 and 2000 segments
+    python bench/segment_graph.py --hidden 256 --segments 100 1000 --allocator glibc
+
+Children run under the launcher's CPU allocator by default (as bench/step.py): under glibc's
+defaults the figure also holds heap fragmentation, which grows with the hidden size.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(hidden: int, segments: int, layers: int, segment_size: int, mem: int) -> dict:
+    import torch
+
+    sys.path.insert(0, REPO_ROOT)
+    from model import RMTConfig, RMTForCausalLM
+    from model.checkpoint_budget import SavedBytesCounter
+    from model.segments import shifted_targets
+
+    torch.set_num_threads(1)
+    config = RMTConfig(
+        backbone=dict(model_type="llama", vocab_size=64, hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=segment_size + 2 * mem),
+        num_mem_tokens=mem, segment_size=segment_size)
+    model = RMTForCausalLM(config).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 64, (1, segment_size * segments))
+    counter = SavedBytesCounter()  # tensors one segment saves for backward (what the budget counts)
+    with counter.counting():
+        one = ids[:, :segment_size]
+        model._segment_step(model.memory[None], one, None, shifted_targets(one, None), None, None)
+    before = resident_mib()
+    loss = model(ids, labels=ids).loss
+    after = resident_mib()
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    # Freeing a graph of thousands of checkpointed segments without running backward overflows
+    # the stack (a crash, not a result): the child prints and leaves without freeing it.
+    measure.keep_alive = loss
+    return {"nodes": len(seen), "added_mib": after - before, "saved_tensors": counter.saved_tensors}
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--segments", type=int, nargs=2, default=[200, 2000], metavar=("FEW", "MANY"))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--segment-size", type=int, default=16)
+    p.add_argument("--mem", type=int, default=4)
+    p.add_argument("--allocator", choices=["glibc", "launcher"], default="launcher")
+    p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], args.child[1], args.layers, args.segment_size, args.mem)), flush=True)
+        os._exit(0)
+    from step import point_env  # bench/step.py: the launcher's allocator settings
+
+    env = point_env(args.allocator, REPO_ROOT)
+    print(f"checkpointed forward, {args.layers} layers, segment {args.segment_size}, {args.mem} memory tokens, "
+          f"allocator {args.allocator}, each point in a fresh process")
+    print(f"{'d':>5} {'segments':>9} {'graph nodes':>12} {'per segment':>12} {'RSS added MiB':>14}  "
+          "KiB per extra segment (per tensor one segment saves)")
+    for hidden in args.hidden:
+        points = []
+        for n in args.segments:
+            out = subprocess.run([sys.executable, __file__, "--child", str(hidden), str(n),
+                                  "--layers", str(args.layers), "--segment-size", str(args.segment_size),
+                                  "--mem", str(args.mem)], check=True, capture_output=True, text=True, env=env).stdout
+            points.append((n, json.loads(out.strip().splitlines()[-1])))
+        (n0, p0), (n1, p1) = points
+        slope = (p1["added_mib"] - p0["added_mib"]) * 1024 / (n1 - n0)
+        for n, pt in points:
+            print(f"{hidden:>5} {n:>9} {pt['nodes']:>12} {pt['nodes'] / n:>12.1f} {pt['added_mib']:>14.0f}  "
+                  + (f"{slope:.0f} ({slope / pt['saved_tensors']:.2f})" if n == n1 else ""))
+
+
+if __name__ == "__main__":
+    main()
