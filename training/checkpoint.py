@@ -185,6 +185,15 @@ def rng_state() -> dict:
     }
 
 
+def seed_rng(seed: int, rank: int) -> None:
+    """Seed torch (CUDA included), numpy and random from (seed, rank) alone: what setup drew from
+    them before differs between ranks and launchers, and dropout and memory noise draw from torch."""
+    mixed = (seed * 1_000_003 + rank) % 2**32
+    torch.manual_seed(mixed)
+    np.random.seed(mixed)
+    random.seed(mixed)
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():

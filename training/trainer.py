@@ -201,6 +201,9 @@ class Trainer:
         self.flops_per_position = model_flops_per_position(self.rmt_config, self.n_params)
         self.peak_flops = peak_flops_per_device(cfg.logging.peak_tflops)
         self.gpu = self.device.type == "cuda"
+        # Last in setup: a fresh run's random draws then depend only on (seed, rank); resume()
+        # replaces this state with the checkpoint's.
+        ckpt_lib.seed_rng(cfg.run.seed, dist.rank)
 
     def _install_grad_hooks(self, model: torch.nn.Module) -> None:
         """Flag non-finite gradients as they arrive, on every rank, before any reduction."""
