@@ -36,8 +36,8 @@ class RMTConfig(PretrainedConfig):
     memory_noise: 0.0 (default: off) or sigma > 0. In training mode only, the memory handed from one
         segment to the next gets Gaussian noise of sigma times its own RMS (per slot, not
         differentiated). Trained at <= 4 segments, a memory code must then survive perturbation,
-        which is what keeps it readable at 16x the trained number of segments (docs/results.md,
-        section 4). Evaluation and generation (eval mode) never add noise.
+        which is what kept it readable at 4x-16x the trained number of segments in
+        docs/results.md, section 4. Evaluation and generation (eval mode) never add noise.
     """
 
     model_type = "rmt"

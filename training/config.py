@@ -96,8 +96,8 @@ class ModelConfig:
                                                        "gradient_checkpointing)")
     loss_chunk_size: int = doc(1024, "segment positions whose logits exist at once in the loss")
     memory_noise: float = doc(0.0, "training only: Gaussian noise of this x the memory's RMS added "
-                              "between segments (1.0 makes the memory hold at 16x the trained "
-                              "segments; 0 = off)")
+                              "between segments, for length generalisation (1.0 in "
+                              "docs/results.md; 0 = off)")
     init_from: Optional[str] = doc(None, "pretrained backbone folder (HF format) or null")
     max_sequence_length: Optional[int] = doc(None, "longest training sample in tokens; if set, "
                                              "must equal segment_size x the curriculum's largest "
