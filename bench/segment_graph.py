@@ -55,10 +55,8 @@ def measure(hidden: int, segments: int, layers: int, segment_size: int, mem: int
             continue
         seen.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    # Freeing a graph of thousands of checkpointed segments without running backward overflows
-    # the stack (a crash, not a result): the child prints and leaves without freeing it.
-    measure.keep_alive = loss
-    return {"nodes": len(seen), "added_mib": after - before, "saved_tensors": counter.saved_tensors}
+    result = {"nodes": len(seen), "added_mib": after - before, "saved_tensors": counter.saved_tensors}
+    return result, loss
 
 
 def resident_mib() -> float:
@@ -77,15 +75,18 @@ def main() -> None:
     p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.layers, args.segment_size, args.mem)), flush=True)
+        result, graph = measure(args.child[0], args.child[1], args.layers, args.segment_size, args.mem)
+        print(json.dumps(result), flush=True)
+        # Freeing a graph of thousands of checkpointed segments without running backward
+        # overflows the stack (a crash, not a result): leave with the graph still alive.
         os._exit(0)
     from step import point_env  # bench/step.py: the launcher's allocator settings
 
     env = point_env(args.allocator, REPO_ROOT)
     print(f"checkpointed forward, {args.layers} layers, segment {args.segment_size}, {args.mem} memory tokens, "
           f"allocator {args.allocator}, each point in a fresh process")
-    print(f"{'d':>5} {'segments':>9} {'graph nodes':>12} {'per segment':>12} {'RSS added MiB':>14}  "
-          "KiB per extra segment (per tensor one segment saves)")
+    print(f"{'d':>5} {'segments':>9} {'graph nodes':>12} {'per segment':>12} {'saved tensors':>14} "
+          f"{'RSS added MiB':>14}  KiB per extra segment (per saved tensor)")
     for hidden in args.hidden:
         points = []
         for n in args.segments:
@@ -96,7 +97,8 @@ def main() -> None:
         (n0, p0), (n1, p1) = points
         slope = (p1["added_mib"] - p0["added_mib"]) * 1024 / (n1 - n0)
         for n, pt in points:
-            print(f"{hidden:>5} {n:>9} {pt['nodes']:>12} {pt['nodes'] / n:>12.1f} {pt['added_mib']:>14.0f}  "
+            print(f"{hidden:>5} {n:>9} {pt['nodes']:>12} {pt['nodes'] / n:>12.1f} {pt['saved_tensors']:>14} "
+                  f"{pt['added_mib']:>14.0f}  "
                   + (f"{slope:.0f} ({slope / pt['saved_tensors']:.2f})" if n == n1 else ""))
 
 

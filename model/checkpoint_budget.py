@@ -10,7 +10,7 @@ sums the bytes autograd keeps for backward, so any backbone and any dtype are ha
 A checkpointed segment is not free either: PyTorch's non-reentrant checkpoint keeps the segment's
 autograd graph (every node, a small holder per saved tensor) until backward, a cost independent of
 the tensor sizes that is not visible to the hook. It is estimated from the number of tensors the
-measured segment saved (bench/segment_graph.py: 1.8 KiB per saved tensor; 2.1 KiB in a 1M-token
+measured segment saved (`python bench/segment_graph.py`: 1.8 KiB per saved tensor; 2.1 KiB in a 1M-token
 step; torch 2.13 CPU; about 350 KiB per segment of a 4-layer Llama), so that over thousands of
 segments the budget still holds. The graph lives in host memory, so it counts only when the activations do too (CPU).
 """

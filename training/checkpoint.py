@@ -172,17 +172,16 @@ def read_json(path: Path) -> dict:
 def rng_state() -> dict:
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
-    state = {}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # Dropout and memory noise on a GPU draw from the device's generator, not the CPU one.
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return {
-        **state,
+    state = {
         "torch": torch.get_rng_state().tolist(),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         "python": [py_version, list(py_internal), py_gauss],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Dropout and memory noise on a GPU draw from the device's generator, not the CPU one.
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def seed_rng(seed: int, rank: int) -> None:

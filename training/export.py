@@ -212,7 +212,7 @@ def render_model_card(model, client_state: dict, run_config: dict, repo_id: str,
         ("memory tokens (m)", cfg.num_mem_tokens),
         ("segment size (S)", cfg.segment_size),
         ("BPTT depth (k)", "full" if cfg.bptt_depth == -1 else cfg.bptt_depth),
-        ("memory noise in training (x RMS)", getattr(cfg, "memory_noise", 0.0)),
+        ("memory noise in training (x RMS)", cfg.memory_noise),
     ]
     arch = "\n".join(f"| {k} | {v} |" for k, v in rows)
     # Only the settings of the corpus that was actually used.
