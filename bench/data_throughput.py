@@ -80,7 +80,7 @@ def step_rate(recipe: Path, seconds: float) -> tuple[float, dict]:
     torch.manual_seed(0)
     model = RMTForCausalLM(RMTConfig(**cfg.model.rmt_kwargs()))
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     n_seg = SegmentCurriculum(cfg.curriculum).max_segments()
     pipe = build_pipeline(cfg.data, build_tokenizer(cfg.data), segment_size=cfg.model.segment_size,

@@ -1,15 +1,17 @@
 """What a checkpointed segment leaves alive between forward and backward, besides tensors.
 
-PyTorch's non-reentrant checkpoint (the one that works under ZeRO-3 when the same blocks run once
-per segment) keeps each segment's autograd graph - every node, with a small holder in place of
-each saved tensor - until backward. That costs a fixed amount per segment, independent of the
-hidden size, and is what makes a checkpointed step's resident memory grow with the number of
-segments (docs/benchmarks.md, "1M tokens"). This script counts the retained nodes and the
-resident memory added per segment by one checkpointed forward, at two segment counts, for a
-given backbone size. Backward is not run: the point is what stays alive at its start.
+PyTorch's non-reentrant checkpoint keeps each segment's autograd graph - every node, with a small
+holder in place of each saved tensor - until backward. That costs a fixed amount per segment,
+independent of the hidden size, and made a checkpointed step's resident memory grow with the
+number of segments (docs/benchmarks.md, "1M tokens"). The model now recomputes segments from one
+autograd node each (model/segment_recompute.py) and uses torch.utils.checkpoint only where that
+cannot work (ZeRO-3-partitioned parameters) or where a checkpoint option asks for it. This script
+counts the retained nodes and the resident memory added per segment by one checkpointed forward,
+at two segment counts, for a given backbone size, with either recompute. Backward is not run: the
+point is what stays alive at its start.
 
     python bench/segment_graph.py                              # d=64 and d=256, 200 and 2000 segments
-    python bench/segment_graph.py --hidden 256 --segments 100 1000 --allocator glibc
+    python bench/segment_graph.py --hidden 256 --segments 100 1000 --allocator glibc --recompute torch
 
 Children run under the launcher's CPU allocator by default (as bench/step.py): under glibc's
 defaults the figure also holds heap fragmentation, which grows with the hidden size.
@@ -24,7 +26,15 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def measure(hidden: int, segments: int, layers: int, segment_size: int, mem: int) -> dict:
+# activation_checkpointing_enable() kwargs per recompute: any option beyond use_reentrant and
+# preserve_rng_state (here determinism_check at its default value) selects torch.utils.checkpoint.
+RECOMPUTE_KWARGS = {
+    "node": {"use_reentrant": False},
+    "torch": {"use_reentrant": False, "determinism_check": "default"},
+}
+
+
+def measure(hidden: int, segments: int, layers: int, segment_size: int, mem: int, recompute: str) -> dict:
     import torch
 
     sys.path.insert(0, REPO_ROOT)
@@ -39,7 +49,8 @@ def measure(hidden: int, segments: int, layers: int, segment_size: int, mem: int
                       max_position_embeddings=segment_size + 2 * mem),
         num_mem_tokens=mem, segment_size=segment_size)
     model = RMTForCausalLM(config).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=RECOMPUTE_KWARGS[recompute])
+    assert model._checkpointed_step()[1] == (recompute == "torch")
     ids = torch.randint(0, 64, (1, segment_size * segments))
     counter = SavedBytesCounter()  # tensors one segment saves for backward (what the budget counts)
     with counter.counting():
@@ -48,15 +59,20 @@ def measure(hidden: int, segments: int, layers: int, segment_size: int, mem: int
     before = resident_mib()
     loss = model(ids, labels=ids).loss
     after = resident_mib()
-    seen, stack = set(), [loss.grad_fn]
+    result = {"nodes": graph_nodes(loss), "added_mib": after - before, "saved_tensors": counter.saved_tensors}
+    return result, loss
+
+
+def graph_nodes(tensor) -> int:
+    """Autograd nodes reachable from tensor.grad_fn: what stays alive until backward."""
+    seen, stack = set(), [tensor.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    result = {"nodes": len(seen), "added_mib": after - before, "saved_tensors": counter.saved_tensors}
-    return result, loss
+    return len(seen)
 
 
 def resident_mib() -> float:
@@ -72,10 +88,13 @@ def main() -> None:
     p.add_argument("--segment-size", type=int, default=16)
     p.add_argument("--mem", type=int, default=4)
     p.add_argument("--allocator", choices=["glibc", "launcher"], default="launcher")
-    p.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--recompute", choices=["node", "torch", "both"], default="both",
+                   help="node: the model's one-node recompute; torch: torch.utils.checkpoint (ZeRO-3 fallback)")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        result, graph = measure(args.child[0], args.child[1], args.layers, args.segment_size, args.mem)
+        hidden, segments, recompute = int(args.child[0]), int(args.child[1]), args.child[2]
+        result, graph = measure(hidden, segments, args.layers, args.segment_size, args.mem, recompute)
         print(json.dumps(result), flush=True)
         # Freeing a graph of thousands of checkpointed segments without running backward
         # overflows the stack (a crash, not a result): leave with the graph still alive.
@@ -85,22 +104,23 @@ def main() -> None:
     env = point_env(args.allocator, REPO_ROOT)
     print(f"checkpointed forward, {args.layers} layers, segment {args.segment_size}, {args.mem} memory tokens, "
           f"allocator {args.allocator}, each point in a fresh process")
-    print(f"{'d':>5} {'segments':>9} {'graph nodes':>12} {'per segment':>12} {'saved tensors':>14} "
+    print(f"{'recompute':>9} {'d':>5} {'segments':>9} {'graph nodes':>12} {'per segment':>12} {'saved tensors':>14} "
           f"{'RSS added MiB':>14}  KiB per extra segment (per saved tensor)")
-    for hidden in args.hidden:
-        points = []
-        for n in args.segments:
-            out = subprocess.run([sys.executable, __file__, "--child", str(hidden), str(n),
-                                  "--layers", str(args.layers), "--segment-size", str(args.segment_size),
-                                  "--mem", str(args.mem)], check=True, capture_output=True, text=True, env=env).stdout
-            points.append((n, json.loads(out.strip().splitlines()[-1])))
-        (n0, p0), (n1, p1) = points
-        slope = (p1["added_mib"] - p0["added_mib"]) * 1024 / (n1 - n0)
-        for n, pt in points:
-            print(f"{hidden:>5} {n:>9} {pt['nodes']:>12} {pt['nodes'] / n:>12.1f} {pt['saved_tensors']:>14} "
-                  f"{pt['added_mib']:>14.0f}  "
-                  + (f"{slope:.0f} ({slope / pt['saved_tensors']:.2f})" if n == n1 else ""))
-
+    for recompute in ("node", "torch") if args.recompute == "both" else (args.recompute,):
+        for hidden in args.hidden:
+            points = []
+            for n in args.segments:
+                out = subprocess.run([sys.executable, __file__, "--child", str(hidden), str(n), recompute,
+                                      "--layers", str(args.layers), "--segment-size", str(args.segment_size),
+                                      "--mem", str(args.mem)],
+                                     check=True, capture_output=True, text=True, env=env).stdout
+                points.append((n, json.loads(out.strip().splitlines()[-1])))
+            (n0, p0), (n1, p1) = points
+            slope = (p1["added_mib"] - p0["added_mib"]) * 1024 / (n1 - n0)
+            for n, pt in points:
+                print(f"{recompute:>9} {hidden:>5} {n:>9} {pt['nodes']:>12} {pt['nodes'] / n:>12.1f} "
+                      f"{pt['saved_tensors']:>14} {pt['added_mib']:>14.0f}  "
+                      + (f"{slope:.0f} ({slope / pt['saved_tensors']:.2f})" if n == n1 else ""))
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,10 @@
 """One full training step (forward, backward, AdamW) of RMT against its baselines, side by side.
 
 Variants (same backbone config, same tokens, same optimizer):
-    a  RMT with segment checkpointing          (model.gradient_checkpointing_enable())
+    a  RMT with segment checkpointing          (model.activation_checkpointing_enable(): one autograd
+                                                node per segment, model/segment_recompute.py)
+    t  RMT with segment checkpointing through torch.utils.checkpoint (what ZeRO-3 runs; it keeps
+                                                every segment's autograd graph until backward)
     b  RMT without checkpointing
     u  RMT without checkpointing, unfused loss  (fused_segment_loss=False: F.cross_entropy per chunk)
     m  RMT with a checkpoint memory budget      (--budget-mb; only if given)
@@ -70,6 +73,7 @@ PROFILES = {
 }
 VARIANTS = {
     "a": "RMT, segment checkpointing",
+    "t": "RMT, torch.utils.checkpoint per segment",
     "b": "RMT, no checkpointing",
     "u": "RMT, no checkpointing, unfused loss",
     "m": "RMT, checkpoint memory budget",
@@ -117,12 +121,16 @@ def make_step(variant: str, profile: Profile, length: int, device, dtype, budget
     torch.manual_seed(0)
     rmt = RMTForCausalLM(config).to(device=device, dtype=dtype)
     if variant == "a":
-        rmt.gradient_checkpointing_enable()
-    if compile_rmt and variant in "abmu":
+        rmt.activation_checkpointing_enable()
+    if variant == "t":
+        # An option the one-node recompute does not reproduce selects torch.utils.checkpoint.
+        rmt.activation_checkpointing_enable({"use_reentrant": False, "determinism_check": "default"})
+        assert rmt._checkpointed_step()[1]
+    if compile_rmt and variant in "abmtu":
         # An experiment, not a model option: it measured no clear gain (docs/benchmarks.md).
         decoder = rmt.backbone.base_model
         decoder.forward = torch.compile(decoder.forward)
-    if variant in "abmu":
+    if variant in "abmtu":
         model = rmt
 
         def forward_loss(ids):

@@ -7,12 +7,14 @@ activations fit, and the rest are checkpointed. The size of one segment's activa
 not modelled: the first segment of every step runs un-checkpointed under a saved-tensor hook that
 sums the bytes autograd keeps for backward, so any backbone and any dtype are handled.
 
-A checkpointed segment is not free either: PyTorch's non-reentrant checkpoint keeps the segment's
-autograd graph (every node, a small holder per saved tensor) until backward, a cost independent of
-the tensor sizes that is not visible to the hook. It is estimated from the number of tensors the
-measured segment saved (`python bench/segment_graph.py`: 1.8 KiB per saved tensor; 2.1 KiB in a 1M-token
-step; torch 2.13 CPU; about 350 KiB per segment of a 4-layer Llama), so that over thousands of
-segments the budget still holds. The graph lives in host memory, so it counts only when the activations do too (CPU).
+Autograd graphs cost host memory beyond the tensors the hook sees: every node and a small holder
+per saved tensor (`python bench/segment_graph.py`: 1.8 KiB per saved tensor; 2.1 KiB in a 1M-token
+step; torch 2.13 CPU; about 350 KiB per segment of a 4-layer Llama). An un-checkpointed segment
+keeps its graph until backward; so does a segment checkpointed by torch.utils.checkpoint (the
+fallback under ZeRO-3), whereas segment_recompute.RecomputedSegment keeps one node. The graph is
+estimated from the number of tensors the measured segment saved, so that over thousands of
+segments the budget still holds. It lives in host memory, so it counts only when the activations
+do too (CPU).
 """
 
 from contextlib import contextmanager
@@ -62,10 +64,11 @@ class CheckpointBudget:
     `plan.end_segment()`. `num_left` counts this segment and those after it.
     """
 
-    def __init__(self, budget_bytes: float, memory_bytes: int, on_host: bool):
+    def __init__(self, budget_bytes: float, memory_bytes: int, on_host: bool, checkpoint_keeps_graph: bool):
         self.budget_bytes = budget_bytes
         # The graph lives in host memory: it counts against a budget for CPU activations only.
         self.graph_bytes_per_saved_tensor = GRAPH_BYTES_PER_SAVED_TENSOR if on_host else 0
+        self.checkpoint_keeps_graph = checkpoint_keeps_graph
         self.memory_bytes = memory_bytes  # kept per checkpointed segment: its memory in and out
         self.residue_bytes = None  # kept per checkpointed segment: memory + its autograd graph
         self.segment_bytes = None  # measured activations (+ graph) of one un-checkpointed segment
@@ -89,7 +92,7 @@ class CheckpointBudget:
         if self._counter is not None:
             graph_bytes = self._counter.saved_tensors * self.graph_bytes_per_saved_tensor
             self.segment_bytes = self._counter.bytes + graph_bytes
-            self.residue_bytes = self.memory_bytes + graph_bytes
+            self.residue_bytes = self.memory_bytes + (graph_bytes if self.checkpoint_keeps_graph else 0)
             self._counter = None
         if self.checkpoint:
             self.checkpointed_segments += 1

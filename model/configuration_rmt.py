@@ -11,7 +11,7 @@ _POSITION_LIMIT_ATTRS = ("n_positions", "max_position_embeddings")
 # RMTConfig's own settings (everything but the backbone), as RMTForCausalLM.from_backbone takes them.
 RMT_SETTINGS = (
     "num_mem_tokens", "segment_size", "bptt_depth", "loss_from_segment", "loss_chunk_size",
-    "checkpoint_memory_budget_mb", "fused_segment_loss", "memory_noise",
+    "checkpoint_memory_budget_mb", "fused_segment_loss", "memory_noise", "memory_noise_prob",
 )
 
 
@@ -28,16 +28,22 @@ class RMTConfig(PretrainedConfig):
         forward and backward. When set, training steps use segment checkpointing for only as many
         segments as needed to fit the budget (the first segment runs un-checkpointed to measure its
         activations; later ones stay un-checkpointed while they fit). None: checkpointing is all or
-        nothing, as set by gradient_checkpointing_enable().
+        nothing, as set by activation_checkpointing_enable().
     fused_segment_loss: True (default) or False. True: in training, each segment's LM-head loss
-        computes its gradients in forward, chunk by chunk, and keeps only those for backward
-        (see segments.FusedLinearCrossEntropy; ZeRO-3-partitioned or non-Linear heads fall back).
+        computes its gradients in forward (a checkpointed segment: in its recompute), chunk by
+        chunk, and keeps only those for backward (see segments.FusedLinearCrossEntropy;
+        ZeRO-3-partitioned or non-Linear heads fall back).
         False: F.cross_entropy on each chunk's logits, recomputed in backward when chunked.
     memory_noise: 0.0 (default: off) or sigma > 0. In training mode only, the memory handed from one
         segment to the next gets Gaussian noise of sigma times its own RMS (per slot, not
         differentiated). Trained at <= 4 segments, a memory code must then survive perturbation,
         which is what kept it readable at 4x-16x the trained number of segments in
         docs/results.md, section 4. Evaluation and generation (eval mode) never add noise.
+    memory_noise_prob: 1.0 (default) or p in (0, 1): the chance that a sample's hand-over gets
+        the noise (drawn per sample and hand-over); the others pass the memory clean, so the
+        clean memory that evaluation sees is also seen in training (docs/results.md, section 4:
+        trained with noise on every hand-over, one model solved a task with noise and failed it
+        without).
     """
 
     model_type = "rmt"
@@ -53,6 +59,7 @@ class RMTConfig(PretrainedConfig):
         checkpoint_memory_budget_mb=None,
         fused_segment_loss=True,
         memory_noise=0.0,
+        memory_noise_prob=1.0,
         **kwargs,
     ):
         self.backbone = dict(backbone) if backbone is not None else {"model_type": "llama"}
@@ -64,6 +71,7 @@ class RMTConfig(PretrainedConfig):
         self.checkpoint_memory_budget_mb = checkpoint_memory_budget_mb
         self.fused_segment_loss = fused_segment_loss
         self.memory_noise = memory_noise
+        self.memory_noise_prob = memory_noise_prob
         # Before the base init: its own validators already read vocab_size from the backbone.
         self.validate_rmt()
         super().__init__(**kwargs)
@@ -104,6 +112,12 @@ class RMTConfig(PretrainedConfig):
             raise ValueError(
                 f"memory_noise={noise!r} is invalid: valid values are 0 (off) or a finite number > 0 "
                 "(noise std relative to the memory's RMS, e.g. 1.0)"
+            )
+        prob = self.memory_noise_prob
+        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 < prob <= 1:
+            raise ValueError(
+                f"memory_noise_prob={prob!r} is invalid: valid values are numbers in (0, 1] (the chance "
+                "that a hand-over gets memory_noise; 1 = every one)"
             )
         if _not_int(self.bptt_depth) or not (self.bptt_depth == -1 or self.bptt_depth >= 1):
             raise ValueError(

@@ -12,7 +12,8 @@ Segment t: the backbone sees [M_{t-1} (read, M) ; embed(x_t) (T) ; M_{t-1} (writ
 M_t is its final hidden state (after the final norm) at the write positions. Logits and loss
 exist only for the T token positions; the loss of a segment is computed inside its step.
 With memory_noise = sigma > 0, training mode hands segment t+1 the memory
-M_t + sigma * rms(M_t) * N(0, 1) (rms per slot, not differentiated); eval mode hands it M_t.
+M_t + sigma * rms(M_t) * N(0, 1) (rms per slot, not differentiated; with memory_noise_prob = p < 1
+only a random fraction p of the samples' hand-overs get it); eval mode hands it M_t.
 
 Padding: segments are cut at fixed offsets of the [B, L] batch; pads are masked and do not
 advance positions, so a right-padded row computes exactly what the row alone computes. A
@@ -38,6 +39,7 @@ from .checkpoint_budget import CheckpointBudget
 
 from .configuration_rmt import RMT_SETTINGS, RMTConfig
 from .generation_rmt import RMTDecodingState, decode_tokens
+from .segment_recompute import RecomputedSegment, can_recompute_segments, recompute_rng_setting
 from .segments import lm_loss_sum, segment_layout, shifted_targets
 
 
@@ -141,9 +143,10 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         """One segment: (memory_in [B,M,D], tokens, targets [B,T] or None, mask [B,T] or None)
         -> (loss_sum, num_tokens, memory_out [B,M,D], logits [B,T-logits_from,V] or None).
 
-        fuse_loss: the loss computes its gradients in forward (segments.FusedLinearCrossEntropy).
-        Only for segments that are not checkpointed: a checkpointed step runs forward twice, and
-        the fused forward's extra LM-head products would be paid twice for nothing."""
+        fuse_loss: the loss computes its gradients in forward (segments.FusedLinearCrossEntropy),
+        when config.fused_segment_loss allows it. Not in the forward of a checkpointed segment:
+        its backward recomputes it (where the fused loss does run), so those products would be
+        paid twice."""
         if seg_embeds is None:
             seg_embeds = self.get_input_embeddings()(seg_ids)
         length = seg_embeds.shape[1]
@@ -169,7 +172,8 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             num_tokens = torch.zeros((), dtype=torch.long, device=hidden.device)
         else:
             loss_sum, num_tokens = lm_loss_sum(
-                lm_head, token_hidden, seg_targets, self.config.loss_chunk_size, fuse_loss
+                lm_head, token_hidden, seg_targets, self.config.loss_chunk_size,
+                fuse_loss and self.config.fused_segment_loss,
             )
         logits = lm_head(token_hidden[:, logits_from:]) if logits_from is not None else None
         return loss_sum, num_tokens, new_memory, logits
@@ -233,13 +237,38 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             return_memory, return_logits, logits_to_keep,
         )
 
-    def _checkpoint_budget(self, memory) -> CheckpointBudget | None:
+    def _checkpointed_step(self):
+        """(function running one checkpointed segment on _segment_step's arguments, whether it
+        keeps the segment's autograd graph until backward).
+
+        One autograd node per segment (segment_recompute.RecomputedSegment) unless ZeRO-3
+        partitions the parameters or the checkpoint function set through
+        activation_checkpointing_enable() asks for more than it reproduces (e.g. offload): then
+        that function (torch.utils.checkpoint), which keeps the segment's graph."""
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        preserve_rng = recompute_rng_setting(self._gradient_checkpointing_func)
+        if preserve_rng is None or not can_recompute_segments(params):
+            func = self._gradient_checkpointing_func or partial(checkpoint, use_reentrant=False)
+            return partial(func, self._segment_step), True
+
+        def step(memory, seg_embeds, fuse_loss, **kwargs):
+            return self._segment_step(memory, seg_embeds=seg_embeds, fuse_loss=fuse_loss, **kwargs)
+
+        def run(memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from):
+            kwargs = dict(seg_ids=seg_ids, seg_targets=seg_targets, seg_mask=seg_mask, logits_from=logits_from)
+            return RecomputedSegment.apply(step, kwargs, preserve_rng, memory, seg_embeds, *params)
+
+        return run, False
+
+    def _checkpoint_budget(self, memory, keeps_graph: bool) -> CheckpointBudget | None:
         budget_mb = self.config.checkpoint_memory_budget_mb
         if budget_mb is None:
             return None
-        # A checkpointed segment keeps its memory input and output (the inputs are the caller's).
+        # A checkpointed segment keeps its memory input and output (the inputs are the caller's),
+        # and with torch.utils.checkpoint its autograd graph.
         return CheckpointBudget(
-            budget_mb * 2**20, 2 * memory.numel() * memory.element_size(), on_host=memory.device.type == "cpu"
+            budget_mb * 2**20, 2 * memory.numel() * memory.element_size(),
+            on_host=memory.device.type == "cpu", checkpoint_keeps_graph=keeps_graph,
         )
 
     def _perturb_memory(self, memory):
@@ -247,7 +276,13 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         if not (self.training and sigma):
             return memory
         rms = memory.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(memory.dtype)  # [B, M, 1]
-        return memory + sigma * rms * torch.randn_like(memory)
+        noise = sigma * rms * torch.randn_like(memory)
+        prob = self.config.memory_noise_prob
+        if prob < 1:
+            # Drawn after the noise, so prob = 1 draws exactly what it always did.
+            noisy = torch.rand(memory.shape[0], 1, 1, device=memory.device) < prob  # [B, 1, 1]
+            noise = noise * noisy.to(noise.dtype)
+        return memory + noise
 
     def _initial_memory(self, batch: int, memory):
         return memory if memory is not None else self.memory.unsqueeze(0).expand(batch, -1, -1)
@@ -263,9 +298,10 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = None  # all real: the backbone's plain causal path is faster and identical
         targets = shifted_targets(labels, attention_mask) if labels is not None else None
         first_kept = length - logits_to_keep if logits_to_keep else 0
-        budget = self._checkpoint_budget(memory) if torch.is_grad_enabled() else None
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
-        checkpoint_func = self._gradient_checkpointing_func or partial(checkpoint, use_reentrant=False)
+        budgeted = self.config.checkpoint_memory_budget_mb is not None and torch.is_grad_enabled()
+        run_checkpointed, keeps_graph = self._checkpointed_step() if checkpointed or budgeted else (None, False)
+        budget = self._checkpoint_budget(memory, keeps_graph) if budgeted else None
         k = self.config.bptt_depth
 
         loss_sums, token_counts, logits = [], [], []
@@ -290,12 +326,10 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
                 counter = budget.start_segment(num_segments - t)
                 checkpointed = budget.checkpoint
             if checkpointed:
-                loss_sum, num_tokens, memory, seg_logits = checkpoint_func(self._segment_step, *args)
+                loss_sum, num_tokens, memory, seg_logits = run_checkpointed(*args)
             else:
                 with counter.counting() if counter is not None else nullcontext():
-                    loss_sum, num_tokens, memory, seg_logits = self._segment_step(
-                        *args, fuse_loss=self.config.fused_segment_loss
-                    )
+                    loss_sum, num_tokens, memory, seg_logits = self._segment_step(*args, fuse_loss=True)
             if budget is not None:
                 budget.end_segment()
             if t + 1 < num_segments:

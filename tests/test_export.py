@@ -64,7 +64,10 @@ FRESH_LOAD = textwrap.dedent("""
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         prompt = ids[:1, :20]
-        generated = model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        # The random prompt holds the pad id (0); without an explicit mask generate() would mask it
+        # out while the unmasked replay below reads it.
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                   min_new_tokens=24, do_sample=False)
         replay = model(input_ids=generated).logits  # teacher-forced over prompt + generated
     # Greedy means every generated token is the argmax of the teacher-forced logits before it.
     eos = tok.eos_token_id

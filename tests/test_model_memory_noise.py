@@ -15,9 +15,10 @@ torch.set_num_threads(1)
 SIGMA = 0.7
 
 
-def reference_loss(model, tokens, sigma, seed):
+def reference_loss(model, tokens, sigma, seed, prob=1.0):
     """Mean next-token loss of one unpadded row [L]; the noise draws follow the same global RNG
-    order as the model: one [1, M, D] normal draw after every segment but the last."""
+    order as the model: one [1, M, D] normal draw after every segment but the last, and with
+    prob < 1 one uniform draw after it that decides whether this hand-over gets the noise."""
     torch.manual_seed(seed)
     m, seg = model.config.num_mem_tokens, model.config.segment_size
     backbone = model.backbone
@@ -35,7 +36,10 @@ def reference_loss(model, tokens, sigma, seed):
         memory = hidden[:, m + len(x) :]
         if i + 1 < len(starts):
             scale = torch.sqrt(torch.mean(memory.detach() ** 2, dim=-1, keepdim=True))
-            memory = memory + sigma * scale * torch.randn(memory.shape)
+            noise = sigma * scale * torch.randn(memory.shape)
+            if prob < 1 and not float(torch.rand(())) < prob:
+                noise = torch.zeros_like(noise)
+            memory = memory + noise
     return total / count
 
 
@@ -56,6 +60,31 @@ def test_training_noise_matches_reference_loss_and_gradients():
 
     noiseless = reference_loss(model, tokens, 0.0, seed=11)
     assert abs(float(loss.detach() - noiseless.detach())) > 1e-3  # the noise really changes the computation
+
+
+def test_noise_probability_leaves_some_hand_overs_clean():
+    """memory_noise_prob = p: a per-sample, per-hand-over coin decides which get the noise; the
+    reference draws the same coins in the same order."""
+    tokens = random_tokens(1, 18, seed=4)[0]
+    model = tiny_rmt("llama", memory_noise=SIGMA, memory_noise_prob=0.5).train()
+    losses = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        loss = model(tokens[None], labels=tokens[None]).loss
+        torch.testing.assert_close(loss, reference_loss(model, tokens, SIGMA, seed, prob=0.5), rtol=1e-5, atol=0)
+        losses.add(round(float(loss.detach()), 6))
+    clean = float(reference_loss(model, tokens, 0.0, seed=0).detach())
+    assert round(clean, 6) in losses  # some draw left all 3 hand-overs clean (p = 1/8 each seed)
+    assert len(losses) > 2  # and others did not
+    # Per sample: of 32 identical rows, those whose 3 coins all came up clean (1/8 of them on
+    # average) end with exactly the clean memory, the others do not.
+    rows = tokens.repeat(32, 1)
+    with torch.no_grad():
+        clean_memory = model.eval()(rows[:1], return_memory=True).memory[0]
+        torch.manual_seed(3)
+        final = model.train()(rows, labels=rows, return_memory=True).memory
+    all_clean = sum(torch.allclose(row, clean_memory, rtol=0, atol=1e-6) for row in final)
+    assert 1 <= all_clean <= 12, all_clean
 
 
 def test_eval_mode_and_zero_noise_add_nothing():
@@ -89,7 +118,7 @@ def test_noise_is_drawn_once_under_segment_checkpointing():
         return out.loss.detach(), grads
 
     plain_loss, plain_grads = step(3)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     ckpt_loss, ckpt_grads = step(3)
     torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=0)
     for name, grad in plain_grads.items():
@@ -100,6 +129,12 @@ def test_noise_is_drawn_once_under_segment_checkpointing():
 def test_invalid_memory_noise_is_refused(bad):
     with pytest.raises(ValueError, match=r"memory_noise=.* is invalid: valid values are 0 \(off\) or a finite number > 0"):
         RMTConfig(backbone=dict(BACKBONES["llama"]), memory_noise=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "half", True, float("nan")])
+def test_invalid_noise_probability_is_refused_naming_the_field(bad):
+    with pytest.raises(ValueError, match=r"memory_noise_prob=.* is invalid: valid values are numbers in \(0, 1\]"):
+        RMTConfig(backbone=dict(BACKBONES["llama"]), memory_noise_prob=bad)
 
 
 def test_from_backbone_takes_every_rmt_setting_and_refuses_unknown_ones(tmp_path):
@@ -121,7 +156,8 @@ def test_training_config_reaches_the_model(tmp_path, init_from):
     from training.config import load_config
     from training.trainer import build_model
 
-    overrides = ["model.memory_noise=0.5", "model.checkpoint_memory_budget_mb=64", "deepspeed.zero_stage=1"]
+    overrides = ["model.memory_noise=0.5", "model.memory_noise_prob=0.25", "model.checkpoint_memory_budget_mb=64",
+                 "deepspeed.zero_stage=1"]
     if init_from:
         backbone = load_config(None, world_size=1).model.backbone
         RMTForCausalLM(RMTConfig(backbone=backbone, segment_size=16, num_mem_tokens=8)).backbone.save_pretrained(tmp_path / "backbone")
@@ -129,4 +165,5 @@ def test_training_config_reaches_the_model(tmp_path, init_from):
     cfg = load_config(None, overrides, world_size=1)
     model = build_model(cfg, rank=0, ds_config={})
     assert model.config.memory_noise == 0.5
+    assert model.config.memory_noise_prob == 0.25
     assert model.config.checkpoint_memory_budget_mb == 64

@@ -129,17 +129,27 @@ def test_fused_loss_switch_must_be_a_bool():
         RMTConfig(fused_segment_loss="yes")
 
 
-def test_checkpointed_segments_take_the_unfused_loss(monkeypatch):
-    """A checkpointed segment runs forward twice; the fused loss would do its gradient products
-    in both, so checkpointed segments must use the plain loss (recomputed once in backward)."""
+def test_checkpointed_segments_fuse_the_loss_only_in_their_recompute(monkeypatch):
+    """A checkpointed segment runs forward twice: its first forward (no autograd) takes the plain
+    loss, and only the recompute in backward, whose gradients are used at once, the fused one."""
     ids = random_tokens(2, 23, seed=4)
     fused_calls = []
     apply = segments.FusedLinearCrossEntropy.apply
     monkeypatch.setattr(segments.FusedLinearCrossEntropy, "apply", lambda *a: fused_calls.append(1) or apply(*a))
     model = tiny_rmt("llama", fused_segment_loss=True).train()
-    model.gradient_checkpointing_enable()
-    model(ids, labels=ids).loss.backward()
+    model.activation_checkpointing_enable()
+    out = model(ids, labels=ids)
     assert fused_calls == []
-    model.gradient_checkpointing_disable()
+    out.loss.backward()
+    assert len(fused_calls) == 5  # 5 segments, one recompute each
+    checkpointed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.activation_checkpointing_disable()
     model(ids, labels=ids).loss.backward()
-    assert len(fused_calls) == 5
+    assert len(fused_calls) == 10
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(checkpointed_grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+    model.config.fused_segment_loss = False
+    model.activation_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    assert len(fused_calls) == 10  # the switch holds for the recompute too

@@ -69,6 +69,16 @@ def test_zero3_two_ranks_matches_zero0_one_rank(zero3_two_ranks, runs):
     assert a[20] < a[1] - 0.3
 
 
+def test_zero2_one_node_recompute_matches_zero3(zero3_two_ranks, runs):
+    """Segment checkpointing is on in both (the default): ZeRO-3 runs torch.utils.checkpoint, ZeRO-2
+    the one-node recompute whose parameter gradients reach DeepSpeed's bucketed reduction."""
+    run_dir = runs / "zero2"
+    run(run_dir, 2, ["deepspeed.zero_stage=2", "batch.micro_batch_size=4", "checkpoint.every=0"])
+    a, b = train_losses(zero3_two_ranks), train_losses(run_dir)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert max(abs(a[s] - b[s]) for s in a) <= 1e-4
+
+
 def test_grad_accumulation_matches_bigger_micro_batch(zero3_two_ranks, runs):
     """2 ranks x micro 2 x accumulation 2 = the same global batch of 8."""
     run_dir = runs / "accum"

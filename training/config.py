@@ -98,6 +98,9 @@ class ModelConfig:
     memory_noise: float = doc(0.0, "training only: Gaussian noise of this x the memory's RMS added "
                               "between segments, for length generalisation (1.0 in "
                               "docs/results.md; 0 = off)")
+    memory_noise_prob: float = doc(1.0, "chance that a sample's hand-over gets memory_noise (drawn "
+                                   "per sample and hand-over; the rest pass clean, as in "
+                                   "evaluation); 1 = every one")
     init_from: Optional[str] = doc(None, "pretrained backbone folder (HF format) or null")
     max_sequence_length: Optional[int] = doc(None, "longest training sample in tokens; if set, "
                                              "must equal segment_size x the curriculum's largest "
@@ -108,7 +111,8 @@ class ModelConfig:
                 "segment_size": self.segment_size, "bptt_depth": self.bptt_depth,
                 "loss_from_segment": self.loss_from_segment,
                 "checkpoint_memory_budget_mb": self.checkpoint_memory_budget_mb,
-                "loss_chunk_size": self.loss_chunk_size, "memory_noise": self.memory_noise}
+                "loss_chunk_size": self.loss_chunk_size, "memory_noise": self.memory_noise,
+                "memory_noise_prob": self.memory_noise_prob}
 
     def problems(self) -> list[str]:
         out = []

@@ -213,6 +213,7 @@ def render_model_card(model, client_state: dict, run_config: dict, repo_id: str,
         ("segment size (S)", cfg.segment_size),
         ("BPTT depth (k)", "full" if cfg.bptt_depth == -1 else cfg.bptt_depth),
         ("memory noise in training (x RMS)", cfg.memory_noise),
+        ("share of hand-overs with noise", cfg.memory_noise_prob),
     ]
     arch = "\n".join(f"| {k} | {v} |" for k, v in rows)
     # Only the settings of the corpus that was actually used.

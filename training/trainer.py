@@ -179,7 +179,7 @@ class Trainer:
         model = build_model(cfg, dist.rank, self.ds_config)
         self.rmt_config = model.config
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         self._install_grad_hooks(model)
 
