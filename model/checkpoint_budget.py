@@ -10,8 +10,9 @@ sums the bytes autograd keeps for backward, so any backbone and any dtype are ha
 Autograd graphs cost host memory beyond the tensors the hook sees: every node and a small holder
 per saved tensor (`python bench/segment_graph.py`: 1.8 KiB per saved tensor; 2.1 KiB in a 1M-token
 step; torch 2.13 CPU; about 350 KiB per segment of a 4-layer Llama). An un-checkpointed segment
-keeps its graph until backward; so does a segment checkpointed by torch.utils.checkpoint (the
-fallback under ZeRO-3), whereas segment_recompute.RecomputedSegment keeps one node. The graph is
+keeps its graph until backward; so does a segment checkpointed by torch.utils.checkpoint (used
+for checkpoint options the node does not reproduce), whereas segment_recompute.RecomputedSegment
+keeps one node. The graph is
 estimated from the number of tensors the measured segment saved, so that over thousands of
 segments the budget still holds. It lives in host memory, so it counts only when the activations
 do too (CPU).

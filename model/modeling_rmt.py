@@ -39,7 +39,7 @@ from .checkpoint_budget import CheckpointBudget
 
 from .configuration_rmt import RMT_SETTINGS, RMTConfig
 from .generation_rmt import RMTDecodingState, decode_tokens
-from .segment_recompute import RecomputedSegment, can_recompute_segments, recompute_rng_setting
+from .segment_recompute import PartitionedParameters, RecomputedSegment, recompute_rng_setting
 from .segments import lm_loss_sum, segment_layout, shifted_targets
 
 
@@ -241,22 +241,23 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         """(function running one checkpointed segment on _segment_step's arguments, whether it
         keeps the segment's autograd graph until backward).
 
-        One autograd node per segment (segment_recompute.RecomputedSegment) unless ZeRO-3
-        partitions the parameters or the checkpoint function set through
+        One autograd node per segment (segment_recompute.RecomputedSegment), ZeRO-3-partitioned
+        parameters included, unless the checkpoint function set through
         activation_checkpointing_enable() asks for more than it reproduces (e.g. offload): then
         that function (torch.utils.checkpoint), which keeps the segment's graph."""
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         preserve_rng = recompute_rng_setting(self._gradient_checkpointing_func)
-        if preserve_rng is None or not can_recompute_segments(params):
+        if preserve_rng is None:
             func = self._gradient_checkpointing_func or partial(checkpoint, use_reentrant=False)
             return partial(func, self._segment_step), True
+        partitioned = PartitionedParameters(params) or None  # ZeRO-3
 
         def step(memory, seg_embeds, fuse_loss, **kwargs):
             return self._segment_step(memory, seg_embeds=seg_embeds, fuse_loss=fuse_loss, **kwargs)
 
         def run(memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from):
             kwargs = dict(seg_ids=seg_ids, seg_targets=seg_targets, seg_mask=seg_mask, logits_from=logits_from)
-            return RecomputedSegment.apply(step, kwargs, preserve_rng, memory, seg_embeds, *params)
+            return RecomputedSegment.apply(step, kwargs, preserve_rng, partitioned, memory, seg_embeds, *params)
 
         return run, False
 

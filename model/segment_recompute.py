@@ -15,19 +15,88 @@ That is what DeepSpeed's per-parameter gradient hooks need; reentrant checkpoint
 accumulates into `.grad` once per segment, breaks them (SPEC 4).
 
 Preserved like torch.utils.checkpoint: the CPU and device RNG states (dropout replays exactly)
-and the autocast state of forward. Not for parameters partitioned by ZeRO-3: outside their
-module's forward they have no data, so their shapes at the node's creation are not those of
-their gradients; the model uses torch.utils.checkpoint there (see `can_recompute_segments`).
+and the autocast state of forward. Parameters partitioned by ZeRO-3 have no data outside their
+module's forward; DeepSpeed's hooks gather them when the segment runs (forward and recompute),
+and `PartitionedParameters` lets their gradient accumulators take full-shaped gradients.
 """
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import torch
 
 
-def can_recompute_segments(params) -> bool:
-    """False when any parameter is ZeRO-3-partitioned (DeepSpeed marks those with `ds_id`)."""
-    return not any(hasattr(p, "ds_id") for p in params)
+class PartitionedParameters:
+    """Lets the nodes' full-shaped gradients reach ZeRO-3-partitioned parameters.
+
+    ZeRO-3 keeps an empty tensor in a partitioned parameter's `.data` outside its module's
+    forward (its full shape is `ds_shape`) and gathers it through module hooks, which do run in
+    the node's forward and recompute. Two moments fall outside any module: the node's creation,
+    where autograd makes the parameter's gradient accumulator and records its shape, and the
+    accumulation of the summed gradient after the last node's backward, which copies it into a
+    tensor shaped like `.data`. Both would see the empty tensor. So the accumulators are made
+    here from a full-shaped stand-in (no storage: a stride-0 view of one element), and kept alive
+    until the nodes hold them; and each node's backward puts the stand-in back into a released
+    parameter before it returns, until the backward has finished (the accumulation and DeepSpeed's
+    gradient hook, which reads the full gradient, have run); then `.data` is the empty tensor
+    again, as DeepSpeed leaves a released parameter. Gathers, releases and the gradient
+    reduction are DeepSpeed's own: nothing here moves parameter data.
+    """
+
+    def __init__(self, params):
+        self.params = [p for p in params if getattr(p, "ds_shape", None) is not None]
+        self.accumulators = []
+        self._standing_in = []  # (parameter, storage of its stand-in) until the backward ends
+        self._release_queued = False
+        with torch.enable_grad():
+            for param in self.params:
+                with self._full_shaped(param):
+                    self.accumulators.append(param.view_as(param).grad_fn.next_functions[0][0])
+
+    def __bool__(self) -> bool:
+        return bool(self.params)
+
+    @contextmanager
+    def _full_shaped(self, param):
+        released = param.data
+        if tuple(released.shape) == tuple(param.ds_shape):
+            yield
+            return
+        param.data = self._stand_in(param)
+        try:
+            yield
+        finally:
+            param.data = released
+
+    @staticmethod
+    def _released(param, standing_in=False) -> bool:
+        """DeepSpeed has released the parameter (not gathered, nor being gathered) and, unless
+        `standing_in`, left it empty."""
+        status = getattr(param, "ds_status", None)
+        released = status is not None and status.name == "NOT_AVAILABLE"
+        return released and (standing_in or tuple(param.data.shape) != tuple(param.ds_shape))
+
+    @staticmethod
+    def _stand_in(param):
+        return torch.empty(1, dtype=param.dtype, device=param.device).expand(param.ds_shape)
+
+    def before_accumulation(self) -> None:
+        """Put the stand-in into every released parameter until this backward has finished."""
+        for param in self.params:
+            if self._released(param):
+                stand_in = self._stand_in(param)
+                param.data = stand_in
+                self._standing_in.append((param, stand_in.untyped_storage().data_ptr()))
+        if self._standing_in and not self._release_queued:
+            # Runs when the whole backward is done: after every accumulation and gradient hook.
+            torch.autograd.Variable._execution_engine.queue_callback(self._release)
+            self._release_queued = True
+
+    def _release(self) -> None:
+        for param, storage in self._standing_in:
+            if self._released(param, standing_in=True) and param.data.untyped_storage().data_ptr() == storage:
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self._standing_in.clear()
+        self._release_queued = False
 
 
 class _ReplayState:
@@ -61,15 +130,16 @@ class _ReplayState:
 
 
 class RecomputedSegment(torch.autograd.Function):
-    """(step, step_kwargs, preserve_rng, memory, embeds, *params) -> step(memory, embeds, **kwargs).
+    """(step, step_kwargs, preserve_rng, partitioned, memory, embeds, *params) -> step(memory, embeds, **kwargs).
 
     `step(memory [B,M,D], embeds [B,T,D] or None, fuse_loss, **kwargs)` returns (loss_sum,
-    num_tokens, memory_out, logits or None); `params` are the trainable parameters it uses.
+    num_tokens, memory_out, logits or None); `params` are the trainable parameters it uses;
+    `partitioned` is their PartitionedParameters (None without ZeRO-3 partitioning).
     """
 
     @staticmethod
-    def forward(ctx, step, step_kwargs, preserve_rng, memory, embeds, *params):
-        ctx.step, ctx.step_kwargs, ctx.params = step, step_kwargs, params
+    def forward(ctx, step, step_kwargs, preserve_rng, partitioned, memory, embeds, *params):
+        ctx.step, ctx.step_kwargs, ctx.params, ctx.partitioned = step, step_kwargs, params, partitioned
         ctx.replay = _ReplayState(memory.device, preserve_rng)
         ctx.save_for_backward(memory, embeds)
         # Autograd is off in a Function's forward: nothing of the segment is kept but its inputs.
@@ -80,7 +150,7 @@ class RecomputedSegment(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_num_tokens, grad_memory, grad_logits):
         memory, embeds = ctx.saved_tensors
-        want_memory, want_embeds, *want_params = ctx.needs_input_grad[3:]
+        want_memory, want_embeds, *want_params = ctx.needs_input_grad[4:]
         memory = memory.detach().requires_grad_(want_memory)
         embeds = embeds.detach().requires_grad_(want_embeds) if embeds is not None else None
         with ExitStack() as stack:
@@ -103,7 +173,9 @@ class RecomputedSegment(torch.autograd.Function):
                 [out for out, _ in pairs], wanted, [grad for _, grad in pairs], allow_unused=True
             ))
         input_grads = [next(grads) if want else None for want in (want_memory, want_embeds, *want_params)]
-        return (None, None, None, *input_grads)
+        if ctx.partitioned:
+            ctx.partitioned.before_accumulation()
+        return (None, None, None, None, *input_grads)
 
 
 def recompute_rng_setting(checkpoint_func):

@@ -70,8 +70,8 @@ def test_zero3_two_ranks_matches_zero0_one_rank(zero3_two_ranks, runs):
 
 
 def test_zero2_one_node_recompute_matches_zero3(zero3_two_ranks, runs):
-    """Segment checkpointing is on in both (the default): ZeRO-3 runs torch.utils.checkpoint, ZeRO-2
-    the one-node recompute whose parameter gradients reach DeepSpeed's bucketed reduction."""
+    """Segment checkpointing is on in both (the default), one recompute node per segment whose
+    parameter gradients reach DeepSpeed's bucketed reduction (ZeRO-2) or its partitioned one."""
     run_dir = runs / "zero2"
     run(run_dir, 2, ["deepspeed.zero_stage=2", "batch.micro_batch_size=4", "checkpoint.every=0"])
     a, b = train_losses(zero3_two_ranks), train_losses(run_dir)
