@@ -45,7 +45,6 @@ class PartitionedParameters:
     def __init__(self, params):
         self.params = [p for p in params if getattr(p, "ds_shape", None) is not None]
         self.accumulators = []
-        self._standing_in = []  # (parameter, storage of its stand-in) until the backward ends
         self._release_queued = False
         with torch.enable_grad():
             for param in self.params:
@@ -68,12 +67,10 @@ class PartitionedParameters:
             param.data = released
 
     @staticmethod
-    def _released(param, standing_in=False) -> bool:
-        """DeepSpeed has released the parameter (not gathered, nor being gathered) and, unless
-        `standing_in`, left it empty."""
+    def _released(param) -> bool:
+        """DeepSpeed has released the parameter: not gathered, nor being gathered."""
         status = getattr(param, "ds_status", None)
-        released = status is not None and status.name == "NOT_AVAILABLE"
-        return released and (standing_in or tuple(param.data.shape) != tuple(param.ds_shape))
+        return status is not None and status.name == "NOT_AVAILABLE"
 
     @staticmethod
     def _stand_in(param):
@@ -82,20 +79,18 @@ class PartitionedParameters:
     def before_accumulation(self) -> None:
         """Put the stand-in into every released parameter until this backward has finished."""
         for param in self.params:
-            if self._released(param):
-                stand_in = self._stand_in(param)
-                param.data = stand_in
-                self._standing_in.append((param, stand_in.untyped_storage().data_ptr()))
-        if self._standing_in and not self._release_queued:
+            if self._released(param) and tuple(param.data.shape) != tuple(param.ds_shape):
+                param.data = self._stand_in(param)
+        if not self._release_queued:
             # Runs when the whole backward is done: after every accumulation and gradient hook.
             torch.autograd.Variable._execution_engine.queue_callback(self._release)
             self._release_queued = True
 
     def _release(self) -> None:
-        for param, storage in self._standing_in:
-            if self._released(param, standing_in=True) and param.data.untyped_storage().data_ptr() == storage:
+        """Released parameters hold an empty tensor again, as DeepSpeed leaves them."""
+        for param in self.params:
+            if self._released(param):
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-        self._standing_in.clear()
         self._release_queued = False
 
 
