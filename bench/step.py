@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import RMTConfig, RMTForCausalLM  # noqa: E402
+import allocator  # noqa: E402  (bench/allocator.py, beside this file)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,7 @@ def make_step(variant: str, profile: Profile, length: int, device, dtype, budget
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    step.rmt = rmt if variant in "abmtu" else None  # for its last_checkpointed_segments
     return step, list(model.parameters())
 
 
@@ -189,16 +191,23 @@ def run_point(args) -> dict:
     rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         sync(device)
         start = clock()
         loss = step(ids)
         sync(device)
         times.append(clock() - start)
+    # Minor page faults: memory the allocator handed back to the OS and the step touched again
+    # (the kernel zero-fills each 4 KiB page), allocator churn that does not depend on load.
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps
+    rmt = getattr(step, "rmt", None)
     result = dict(
-        variant=args.variant, length=args.length, step_s=min(times), warmup_s=warmup_s, loss=float(loss),
+        variant=args.variant, profile=args.profile, length=args.length, step_s=min(times), warmup_s=warmup_s, loss=float(loss),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_before_step_mb=rss_before_mb,
         param_mb=sum(p.numel() * p.element_size() for p in params) / 2**20,
+        checkpointed_segments=rmt.last_checkpointed_segments if rmt is not None else None,
+        minor_faults_per_step=faults,
     )
     if device.type == "cuda":
         result["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -269,33 +278,17 @@ def matmul_rate(device, dtype, threads: int, size: int = 2048, seconds: float = 
 
 
 # ----- the driver -------------------------------------------------------------------------
-def launcher_allocator_env(root: str) -> dict:
-    """The environment the project's launcher sets for CPU runs (read from launch/pretrain.sh)."""
-    script = (
-        f'log() {{ :; }}; source <(sed -n "/^configure_cpu_allocator()/,/^}}/p" {root}/launch/pretrain.sh); '
-        "unset LD_PRELOAD MALLOC_CONF MALLOC_MMAP_THRESHOLD_ MALLOC_TRIM_THRESHOLD_; configure_cpu_allocator; "
-        'echo "LD_PRELOAD=${LD_PRELOAD:-}"; echo "MALLOC_CONF=${MALLOC_CONF:-}"; '
-        'echo "MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-}"; echo "MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-}"'
-    )
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
-    return {k: v for k, v in (line.split("=", 1) for line in out.splitlines()) if v}
-
-
-def point_env(allocator: str, root: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    if allocator == "launcher":
-        env.update(launcher_allocator_env(root))
-    return env
-
-
 def run_driver(args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     profile = PROFILES[args.profile]
     device = torch.device(args.device)
     rate = matmul_rate(device, getattr(torch, profile.dtype), args.threads)
-    env = point_env(args.allocator, root)
-    print(f"profile {args.profile} {profile}; allocator {args.allocator}; threads {args.threads}; clock {args.clock}; "
+    try:
+        env = allocator.process_env(args.allocator, args.malloc_conf)
+    except ValueError as error:
+        raise SystemExit(f"--allocator {args.allocator}: {error}")
+    chosen = {k: v for k, v in env.items() if allocator.ALLOCATOR_VARIABLE.match(k)}
+    print(f"profile {args.profile} {profile}; allocator {args.allocator} {chosen or '(glibc defaults)'}; threads {args.threads}; clock {args.clock}; "
           f"load average {os.getloadavg()[0]:.1f}; matmul rate {rate / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for length in args.lengths:
@@ -307,8 +300,8 @@ def run_driver(args):
             for variant in variants:
                 row = run_point_process(args, variant, length, env)
                 if row is not None:
-                    print(f"  point {variant} L={length}: {row['step_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MiB",
-                          flush=True)
+                    print(f"  point {variant} L={length}: {row['step_s']:.2f} s, peak RSS {row['peak_rss_mb']:.0f} MiB, "
+                          f"{row['minor_faults_per_step']:.0f} minor page faults per step", flush=True)
                 if row is not None and (variant not in best or row["step_s"] < best[variant]["step_s"]):
                     best[variant] = row
         for variant in variants:
@@ -344,12 +337,14 @@ def run_point_process(args, variant: str, length: int, env: dict):
 def format_row(row, baseline) -> str:
     ratio = f"{row['tokens_per_s'] / baseline:5.2f}x" if baseline else "   - "
     live = f"{row['live_step_peak_mb']:8.0f}" if "live_step_peak_mb" in row else "       -"
+    ckpt = row.get("checkpointed_segments")
+    ckpt = f"{ckpt}/{-(-row['length'] // PROFILES[row['profile']].segment_size)}" if ckpt is not None else "-"
     return (f"{row['length']:>8} {row['variant']:>2} {row['tokens_per_s']:9.0f} {ratio:>6} {row['mfu'] * 100:5.1f}% "
-            f"{row['peak_rss_mb']:9.0f} {live} {row['loss']:.4f} {row.get('warmup_s', float('nan')):8.1f}")
+            f"{row['peak_rss_mb']:9.0f} {live} {ckpt:>9} {row['loss']:.4f} {row.get('warmup_s', float('nan')):8.1f}")
 
 
 def print_table(rows, rate):
-    print(f"\n{'length':>8} {'v':>2} {'tokens/s':>9} {'vs c':>6} {'MFU':>6} {'RSS MiB':>9} {'live MiB':>8} loss   warmup_s")
+    print(f"\n{'length':>8} {'v':>2} {'tokens/s':>9} {'vs c':>6} {'MFU':>6} {'RSS MiB':>9} {'live MiB':>8} {'ckpt segs':>9} loss   warmup_s")
     for row in rows:
         base = [r for r in rows if r["length"] == row["length"] and r["variant"] == "c"]
         print(format_row(row, base[0]["tokens_per_s"] if base else None))
@@ -369,8 +364,9 @@ def parse_args(argv=None):
     parser.add_argument("--budget-mb", type=float, default=None, help="checkpoint_memory_budget_mb of variant m")
     parser.add_argument("--max-full-attention", type=int, default=65536,
                         help="skip variant d above this length (its cost is quadratic)")
-    parser.add_argument("--allocator", choices=["glibc", "launcher"], default="launcher",
-                        help="glibc defaults, or the allocator launch/pretrain.sh configures for CPU runs")
+    parser.add_argument("--allocator", choices=list(allocator.CHOICES), default="launcher",
+                        help="the allocator launch/pretrain.sh configures for CPU runs, glibc's defaults, or jemalloc")
+    parser.add_argument("--malloc-conf", default=None, help="with --allocator jemalloc: its MALLOC_CONF")
     parser.add_argument("--no-live-peak", dest="live_peak", action="store_false",
                         help="skip the extra profiled step that measures the live-tensor peak")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",

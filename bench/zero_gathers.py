@@ -54,6 +54,8 @@ from collections import Counter
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import allocator  # noqa: E402  (bench/allocator.py)
 OUT_DIR = REPO_ROOT / "bench" / "out" / "zero_gathers"
 
 # torch.distributed entry points -> the kind reported. Inner calls made by an outer wrapped one
@@ -264,7 +266,8 @@ def run_point(model: str, segments: int, variant: str, steps: int, model_extra: 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), "--worker", str(result_path), "--",
            "--config", "configs/tiny_cpu.yaml", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    # The ranks run on the allocator launch/pretrain.sh gives CPU runs, as a user's would.
+    env = allocator.process_env("launcher", base=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT)))
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     output = proc.stdout + proc.stderr

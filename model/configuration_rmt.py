@@ -31,8 +31,9 @@ class RMTConfig(PretrainedConfig):
         nothing, as set by activation_checkpointing_enable().
     fused_segment_loss: True (default) or False. True: in training, each segment's LM-head loss
         computes its gradients in forward (a checkpointed segment: in its recompute), chunk by
-        chunk, and keeps only those for backward (see segments.FusedLinearCrossEntropy;
-        ZeRO-3-partitioned or non-Linear heads fall back).
+        chunk, and keeps only those for backward; the un-checkpointed segments of a step add their
+        LM-head gradient into one step-wide sum (see segments.FusedLinearCrossEntropy and
+        segments.HeadGradient; ZeRO-3-partitioned or non-Linear heads fall back).
         False: F.cross_entropy on each chunk's logits, recomputed in backward when chunked.
     memory_noise: 0.0 (default: off) or sigma > 0. In training mode only, the memory handed from one
         segment to the next gets Gaussian noise of sigma times its own RMS (per slot, not

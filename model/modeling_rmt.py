@@ -40,7 +40,7 @@ from .checkpoint_budget import CheckpointBudget
 from .configuration_rmt import RMT_SETTINGS, RMTConfig
 from .generation_rmt import RMTDecodingState, decode_tokens
 from .segment_recompute import PartitionedParameters, RecomputedSegment, recompute_rng_setting
-from .segments import lm_loss_sum, segment_layout, shifted_targets
+from .segments import HeadGradient, lm_loss_sum, segment_layout, shifted_targets
 
 
 @dataclass
@@ -139,14 +139,16 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         self._gradient_checkpointing_func = gradient_checkpointing_func if enable else None
 
     # ----- forward ----------------------------------------------------------------------
-    def _segment_step(self, memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from, fuse_loss=False):
+    def _segment_step(
+        self, memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from, fuse_loss=False, head_grad=None, position=0
+    ):
         """One segment: (memory_in [B,M,D], tokens, targets [B,T] or None, mask [B,T] or None)
         -> (loss_sum, num_tokens, memory_out [B,M,D], logits [B,T-logits_from,V] or None).
 
         fuse_loss: the loss computes its gradients in forward (segments.FusedLinearCrossEntropy),
         when config.fused_segment_loss allows it. Not in the forward of a checkpointed segment:
         its backward recomputes it (where the fused loss does run), so those products would be
-        paid twice."""
+        paid twice. head_grad, position: the step's HeadGradient and this segment's index in it."""
         if seg_embeds is None:
             seg_embeds = self.get_input_embeddings()(seg_ids)
         length = seg_embeds.shape[1]
@@ -173,7 +175,7 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             loss_sum, num_tokens = lm_loss_sum(
                 lm_head, token_hidden, seg_targets, self.config.loss_chunk_size,
-                fuse_loss and self.config.fused_segment_loss,
+                fuse_loss and self.config.fused_segment_loss, head_grad, position,
             )
         logits = lm_head(token_hidden[:, logits_from:]) if logits_from is not None else None
         return loss_sum, num_tokens, new_memory, logits
@@ -304,6 +306,8 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         run_checkpointed, keeps_graph = self._checkpointed_step() if checkpointed or budgeted else (None, False)
         budget = self._checkpoint_budget(memory, keeps_graph) if budgeted else None
         k = self.config.bptt_depth
+        fusing = targets is not None and self.config.fused_segment_loss and torch.is_grad_enabled()
+        head_grad = HeadGradient() if fusing else None
 
         loss_sums, token_counts, logits = [], [], []
         for t in range(num_segments):
@@ -330,7 +334,9 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
                 loss_sum, num_tokens, memory, seg_logits = run_checkpointed(*args)
             else:
                 with counter.counting() if counter is not None else nullcontext():
-                    loss_sum, num_tokens, memory, seg_logits = self._segment_step(*args, fuse_loss=True)
+                    loss_sum, num_tokens, memory, seg_logits = self._segment_step(
+                        *args, fuse_loss=True, head_grad=head_grad, position=t
+                    )
             if budget is not None:
                 budget.end_segment()
             if t + 1 < num_segments:
@@ -344,7 +350,7 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         self.last_checkpointed_segments = budget.checkpointed_segments if budget is not None else (
             num_segments if checkpointed else 0
         )
-        segment_loss_sums = torch.stack(loss_sums)
+        segment_loss_sums = head_grad.stack(loss_sums) if head_grad is not None else torch.stack(loss_sums)
         segment_token_counts = torch.stack(token_counts)
         loss_sum = segment_loss_sums.sum()
         num_tokens = segment_token_counts.sum()

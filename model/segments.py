@@ -82,17 +82,27 @@ def _chunk_loss_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> tor
     )
 
 
-def lm_loss_sum(lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, fused: bool = True):
+def lm_loss_sum(
+    lm_head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int, fused: bool = True,
+    head_grad: "HeadGradient | None" = None, position: int = 0,
+):
     """(sum of token cross-entropies, number of valid targets) without [B, T, V] logits alive at once.
 
-    Training (autograd on, a plain nn.Linear head) uses the fused loss below when `fused`. Otherwise, with
-    more than one chunk and autograd on, each chunk's logits are recomputed in backward, so only
-    one [B, chunk, V] block exists at a time.
+    Training (autograd on, a plain nn.Linear head) uses the fused loss below when `fused`. With
+    `head_grad`, the head's gradient goes into that step-wide sum instead of the segment's own
+    (`position`: this loss sum's index in the step's `head_grad.stack`). Otherwise, with more
+    than one chunk and autograd on, each chunk's logits are recomputed in backward, so only one
+    [B, chunk, V] block exists at a time.
     """
     length = hidden.shape[1]
     num_tokens = (targets != IGNORE_INDEX).sum()
     if fused and _can_fuse(lm_head, hidden):
-        total = FusedLinearCrossEntropy.apply(hidden, lm_head.weight, lm_head.bias, targets, lm_head, chunk_size)
+        shared = head_grad if head_grad is not None and head_grad.wants(lm_head) else None
+        weight, bias = lm_head.weight, lm_head.bias
+        if shared is not None:
+            # The head's gradient reaches autograd through the step's stack (HeadGradient), once.
+            weight, bias = weight.detach(), bias.detach() if bias is not None else None
+        total = FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, lm_head, chunk_size, shared, position)
         return total, num_tokens
     if length <= chunk_size:
         return _chunk_loss_sum(lm_head, hidden, targets), num_tokens
@@ -118,6 +128,38 @@ def _can_fuse(lm_head, hidden: torch.Tensor) -> bool:
     return not any(hasattr(p, "ds_id") for p in params)
 
 
+def _head_gradient_dtype(param: torch.Tensor) -> torch.dtype:
+    # Summed over chunks and segments in at least fp32 so a low-precision head loses nothing.
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def _fused_chunks(hidden, weight, targets, lm_head, chunk_size, grad_hidden, grad_weight, grad_bias):
+    """Loss sum of hidden [B, T, D] over chunks; writes d(loss)/d(hidden) into grad_hidden and adds
+    d(loss)/d(weight, bias) into grad_weight [V, D] and grad_bias [V] (each may be None)."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[1], chunk_size):
+        h = hidden[:, start : start + chunk_size]  # [B, C, D]
+        # [B*C, V] logits passed unnamed, so the callee can free them once softmax is taken.
+        grad_logits, valid, loss = _loss_and_grad_logits(
+            lm_head(h).float().flatten(0, 1), targets[:, start : start + chunk_size].reshape(-1)
+        )
+        total += loss
+        # Ignored rows are zeroed on the [rows, D] side of each product, which is V/D times
+        # cheaper than zeroing their [rows, V] gradient and needs no host sync.
+        if grad_hidden is not None:
+            block = (grad_logits.to(weight.dtype) @ weight) * valid.to(weight.dtype).unsqueeze(1)
+            grad_hidden[:, start : start + chunk_size] = block.view(h.shape)
+        if grad_weight is not None:
+            valid_h = h.reshape(-1, h.shape[-1]) * valid.to(h.dtype).unsqueeze(1)
+            if grad_weight.dtype == valid_h.dtype:
+                grad_weight.addmm_(grad_logits.to(valid_h.dtype).t(), valid_h)  # no [V, D] temporary
+            else:
+                grad_weight += (grad_logits.to(valid_h.dtype).t() @ valid_h).to(grad_weight.dtype)
+        if grad_bias is not None:
+            grad_bias += (valid @ grad_logits).to(grad_bias.dtype)
+    return total
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """sum over valid targets of cross_entropy(lm_head(hidden).float(), targets), ignore_index -100.
 
@@ -127,41 +169,34 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     backward recomputes nothing, the logits are freed once their softmax exists and the softmax
     block turns into d(loss)/d(logits) in place, which saves the log-softmax, the zero-filled
     [chunk, V] gradient and its extra passes of the unfused loss.
+
+    With a HeadGradient (`shared`; weight and bias then come detached), the head's gradient is
+    added to the step's sum instead of being kept per segment: see HeadGradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, lm_head, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, lm_head, chunk_size, shared=None, position=0):
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None  # [B, T, D]
-        # Summed over chunks in at least fp32 so a low-precision head loses nothing between chunks.
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_bias else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[1], chunk_size):
-            h = hidden[:, start : start + chunk_size]  # [B, C, D]
-            # [B*C, V] logits passed unnamed, so the callee can free them once softmax is taken.
-            grad_logits, valid, loss = _loss_and_grad_logits(
-                lm_head(h).float().flatten(0, 1), targets[:, start : start + chunk_size].reshape(-1)
-            )
-            total += loss
-            # Ignored rows are zeroed on the [rows, D] side of each product, which is V/D times
-            # cheaper than zeroing their [rows, V] gradient and needs no host sync.
-            if grad_hidden is not None:
-                block = (grad_logits.to(weight.dtype) @ weight) * valid.to(weight.dtype).unsqueeze(1)
-                grad_hidden[:, start : start + chunk_size] = block.view(h.shape)
-            if grad_weight is not None:
-                valid_h = h.reshape(-1, h.shape[-1]) * valid.to(h.dtype).unsqueeze(1)
-                grad_weight += (grad_logits.to(valid_h.dtype).t() @ valid_h).to(acc)
-            if grad_bias is not None:
-                grad_bias += (valid @ grad_logits).to(acc)
+        if shared is not None:
+            grad_weight, grad_bias = shared.add_segment(position, hidden, targets, lm_head, chunk_size)
+        else:
+            grad_weight = torch.zeros(weight.shape, dtype=_head_gradient_dtype(weight), device=weight.device) \
+                if want_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=_head_gradient_dtype(bias), device=bias.device) \
+                if want_bias else None
+        total = _fused_chunks(hidden, weight, targets, lm_head, chunk_size, grad_hidden, grad_weight, grad_bias)
+        if shared is not None:
+            grad_weight = grad_bias = None  # the step's sum, not this segment's
         ctx.grad_dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # With `shared`, the hidden states are kept for HeadGradient's exact correction; saving them
+        # here too costs nothing more and lets saved-tensor hooks (the memory budget) see them.
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, hidden if shared is not None else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias, _ = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.grad_dtypes
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
@@ -169,7 +204,94 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = (grad_weight * grad_total).to(weight_dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_total).to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+class HeadGradient:
+    """The LM head's gradient of one training step, summed over its fused segments in forward.
+
+    Kept per segment, d(loss_sum_t)/d(head) is a [V, D] fp32 tensor per segment (8 MiB on the CPU
+    profile, ~200 MiB for a 50K x 1024 head), zero-filled, scaled in backward and summed by autograd
+    across segments. Here every fused segment adds its part into one buffer (addmm_, no temporary),
+    and `stack(loss_sums)` hands the head one gradient in backward: g x sum_t G_t, where g is the
+    gradient the fused segments' loss sums receive. That is exact whenever they all receive the same
+    g (loss and loss_sum do); for segments that receive another g_t (e.g. a weighted sum of
+    segment_losses), (g_t - g) x G_t is recomputed from the segment's saved hidden states and added.
+    """
+
+    def __init__(self):
+        self.grad_weight = self.grad_bias = None
+        self.weight = self.bias = None
+        self.segments = []  # (position, hidden [B,T,D], targets [B,T], lm_head, chunk_size)
+
+    def wants(self, lm_head) -> bool:
+        if self.weight is not None and lm_head.weight is not self.weight:
+            return False  # another head (never in one RMT step): keep its gradient per segment
+        bias = lm_head.bias
+        return lm_head.weight.requires_grad or (bias is not None and bias.requires_grad)
+
+    def add_segment(self, position, hidden, targets, lm_head, chunk_size):
+        """Registers a fused segment; returns the buffers it adds its head gradient into."""
+        if self.weight is None:
+            self.weight, self.bias = lm_head.weight, lm_head.bias
+            if self.weight.requires_grad:
+                self.grad_weight = torch.zeros(
+                    self.weight.shape, dtype=_head_gradient_dtype(self.weight), device=self.weight.device
+                )
+            if self.bias is not None and self.bias.requires_grad:
+                self.grad_bias = torch.zeros(
+                    self.bias.shape, dtype=_head_gradient_dtype(self.bias), device=self.bias.device
+                )
+        self.segments.append((position, hidden.detach(), targets, lm_head, chunk_size))
+        return self.grad_weight, self.grad_bias
+
+    def stack(self, loss_sums: list) -> torch.Tensor:
+        """torch.stack(loss_sums) [N], through which the summed head gradient reaches autograd."""
+        if not self.segments:
+            return torch.stack(loss_sums)
+        return _StackWithHeadGradient.apply(self, self.weight, self.bias, *loss_sums)
+
+
+class _StackWithHeadGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, head_grad, weight, bias, *loss_sums):
+        segments = head_grad.segments
+        ctx.positions = [position for position, *_ in segments]
+        ctx.recompute = [(lm_head, chunk_size) for *_, lm_head, chunk_size in segments]
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(
+            head_grad.grad_weight, head_grad.grad_bias,
+            *[hidden for _, hidden, *_ in segments], *[targets for _, _, targets, *_ in segments],
+        )
+        return torch.stack(loss_sums)
+
+    @staticmethod
+    def backward(ctx, grad_stack):
+        grad_weight, grad_bias, *per_segment = ctx.saved_tensors
+        count = len(ctx.positions)
+        hiddens, targets = per_segment[:count], per_segment[count:]
+        grads = grad_stack[ctx.positions].float()  # [n fused segments]
+        common = grads[0]
+        grad_weight = grad_weight * common if grad_weight is not None else None
+        grad_bias = grad_bias * common if grad_bias is not None else None
+        if not torch.equal(grads, common.expand_as(grads)):  # one host sync per backward
+            for i in (grads != common).nonzero().flatten().tolist():
+                lm_head, chunk_size = ctx.recompute[i]
+                part_weight = torch.zeros_like(grad_weight) if grad_weight is not None else None
+                part_bias = torch.zeros_like(grad_bias) if grad_bias is not None else None
+                _fused_chunks(hiddens[i], lm_head.weight.detach(), targets[i], lm_head, chunk_size,
+                              None, part_weight, part_bias)
+                if part_weight is not None:
+                    grad_weight += part_weight * (grads[i] - common)
+                if part_bias is not None:
+                    grad_bias += part_bias * (grads[i] - common)
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            None,
+            grad_weight.to(weight_dtype) if grad_weight is not None else None,
+            grad_bias.to(bias_dtype) if grad_bias is not None else None,
+            *grad_stack.unbind(),
+        )
 
 
 def _loss_and_grad_logits(logits: torch.Tensor, targets: torch.Tensor):

@@ -12,7 +12,7 @@ from tests.cluster.poll import wait_until
 from tests.cluster.runs import complete_steps, tiny_args, train_log
 
 LAUNCHER = "launch/pretrain.sh"
-JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 
 
 def descendants(pid: int) -> list[int]:
@@ -86,8 +86,8 @@ def test_sigterm_to_launcher_checkpoints_every_rank_and_exits_zero(repo_root, tm
         wait_until(lambda: complete_steps(run_dir) or proc.poll() is not None, 300, "a periodic checkpoint",
                    log_path)
         assert proc.poll() is None, log_path.read_text()[-4000:]
-        if JEMALLOC.is_file():  # CPU allocator: both ranks run on jemalloc (resident memory stays flat)
-            assert training_processes_with(proc.pid, JEMALLOC) == 2
+        if TCMALLOC.is_file():  # CPU allocator: both ranks run on tcmalloc (flat memory, no fault churn)
+            assert training_processes_with(proc.pid, TCMALLOC) == 2
         proc.send_signal(signal.SIGTERM)  # what a job scheduler or `kill` sends to the launcher
         proc.wait(timeout=240)
     finally:

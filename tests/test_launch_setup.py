@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-TEST_PACKAGES = ("slurm-wlm", "munge", "openmpi-bin", "libopenmpi-dev", "libjemalloc2")
+TEST_PACKAGES = ("slurm-wlm", "munge", "openmpi-bin", "libopenmpi-dev", "libtcmalloc-minimal4")
 
 
 def installed(pkg: str) -> bool:
@@ -38,3 +38,13 @@ def test_rerun_with_everything_installed_changes_nothing(repo_root):
     result = run_setup(repo_root, "--test")
     assert result.returncode == 0, result.stderr
     assert "system packages present" in result.stderr and "apt-get install" not in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="not a Debian system")
+def test_plain_setup_checks_for_tcmalloc_which_cpu_runs_preload(repo_root):
+    # The quick start's setup (no --test) looks for the allocator launch/pretrain.sh preloads.
+    if not installed("libtcmalloc-minimal4"):
+        pytest.skip("libtcmalloc-minimal4 not installed; run bash launch/setup.sh --test")
+    result = run_setup(repo_root)
+    assert result.returncode == 0, result.stderr
+    assert "system packages present: libtcmalloc-minimal4" in result.stderr and "apt-get install" not in result.stderr

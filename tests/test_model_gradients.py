@@ -67,7 +67,7 @@ def test_segment_checkpointing_gives_same_loss_and_gradients_with_dropout(backbo
     ckpt_loss, ckpt_grads = loss_and_grads(model, ids, mask, seed=5)
     torch.testing.assert_close(ckpt_loss, plain_loss, rtol=1e-6, atol=0)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-6, atol=1e-9, msg=name)
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-6, atol=1e-8, msg=name)
     assert plain_grads["memory"].abs().sum() > 0
 
 

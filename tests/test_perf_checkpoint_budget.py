@@ -48,7 +48,7 @@ def test_budgeted_checkpointing_matches_plain_step_at_every_budget(backbone, mon
         assert calls == SEGMENTS + count, budget_mb  # each checkpointed segment recomputes once
         torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
         for name, grad in plain_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-9, msg=f"{name} at {budget_mb} MiB")
+            torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-8, msg=f"{name} at {budget_mb} MiB")
         checkpointed.append(count)
     model.config.checkpoint_memory_budget_mb = None
     # The first segment always runs un-checkpointed: it is where the activations are measured.

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model import segments
-from model.segments import IGNORE_INDEX, FusedLinearCrossEntropy, lm_loss_sum
+from model.segments import IGNORE_INDEX, FusedLinearCrossEntropy, HeadGradient, lm_loss_sum
 from test_model_common import random_tokens, tiny_rmt
 
 torch.set_num_threads(1)
@@ -153,3 +153,73 @@ def test_checkpointed_segments_fuse_the_loss_only_in_their_recompute(monkeypatch
     model.activation_checkpointing_enable()
     model(ids, labels=ids).loss.backward()
     assert len(fused_calls) == 10  # the switch holds for the recompute too
+
+
+def segment_inputs(seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=generator).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=generator)
+    targets[0, seed % T] = IGNORE_INDEX
+    return hidden, targets
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.3, -1.2, 0.3)])  # equal, then unequal incoming grads
+def test_head_gradient_summed_over_segments_equals_per_segment_cross_entropy(bias, weights):
+    """Three segments share one HeadGradient; the stacked loss sums are weighted (the second case
+    needs the exact correction of segments whose incoming gradient differs from the first's)."""
+    head, _, _ = head_and_inputs(bias)
+    segments_in = [segment_inputs(seed) for seed in (1, 2, 3)]
+    weights = torch.tensor(weights)
+
+    ref_sums = [
+        F.cross_entropy(head(h).float().reshape(-1, V), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        for h, y in segments_in
+    ]
+    params = [*head.parameters(), *[h for h, _ in segments_in]]
+    want = torch.autograd.grad((torch.stack(ref_sums) * weights).sum(), params)
+
+    head_grad = HeadGradient()
+    sums = [lm_loss_sum(head, h, y, chunk_size=4, head_grad=head_grad, position=i)[0]
+            for i, (h, y) in enumerate(segments_in)]
+    assert len(head_grad.segments) == 3 and head_grad.grad_weight.shape == (V, D)
+    stacked = head_grad.stack(sums)
+    torch.testing.assert_close(stacked.detach(), torch.stack(ref_sums).detach(), rtol=1e-6, atol=1e-5)
+    got = torch.autograd.grad((stacked * weights).sum(), params)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_keeps_one_head_gradient_not_one_per_segment():
+    """A fused step saves no [V, D] tensor per segment: the head's gradient is one step-wide sum."""
+    model = tiny_rmt("llama", fused_segment_loss=True).train()
+    head_shape = tuple(model.get_output_embeddings().weight.shape)
+    saved_head_shaped = []
+
+    def pack(tensor):
+        if tuple(tensor.shape) == head_shape and not tensor.requires_grad:
+            saved_head_shaped.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    ids = random_tokens(2, 23, seed=5)  # 5 segments
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(ids, labels=ids)
+    assert len(set(saved_head_shaped)) == 1, saved_head_shaped
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("backbone", ["llama", "gpt2"])
+def test_weighted_segment_losses_backprop_like_the_unfused_step(backbone):
+    """Gradients through segment_losses (each segment's loss sum gets its own incoming gradient)
+    equal the unfused step's: HeadGradient's correction path inside a whole RMT step."""
+    ids = random_tokens(2, 23, seed=6)
+    weights = torch.tensor([0.1, 0.5, 1.0, 2.0, 0.7])
+    grads = []
+    for fuse in (True, False):
+        model = tiny_rmt(backbone, fused_segment_loss=fuse).train()
+        out = model(ids, labels=ids)
+        (out.segment_losses * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-6, msg=name)
