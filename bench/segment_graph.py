@@ -135,9 +135,9 @@ def main() -> None:
         # Freeing a graph of thousands of checkpointed segments without running backward
         # overflows the stack (a crash, not a result): leave with the graph still alive.
         os._exit(0)
-    from step import point_env  # bench/step.py: the launcher's allocator settings
+    import allocator  # bench/allocator.py: the launcher's allocator settings
 
-    env = point_env(args.allocator, REPO_ROOT)
+    env = allocator.process_env(args.allocator)
     if args.zero3:
         env["DS_ACCELERATOR"] = "cpu"
     where = " in a 1-rank ZeRO-3 engine" if args.zero3 else ""

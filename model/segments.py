@@ -220,48 +220,44 @@ class HeadGradient:
     """
 
     def __init__(self):
+        self.lm_head = self.chunk_size = None  # the step's head and loss_chunk_size, set by its first segment
         self.grad_weight = self.grad_bias = None
-        self.weight = self.bias = None
-        self.segments = []  # (position, hidden [B,T,D], targets [B,T], lm_head, chunk_size)
+        self.segments = []  # (position, hidden [B,T,D], targets [B,T])
 
     def wants(self, lm_head) -> bool:
-        if self.weight is not None and lm_head.weight is not self.weight:
+        if self.lm_head is not None and lm_head is not self.lm_head:
             return False  # another head (never in one RMT step): keep its gradient per segment
         bias = lm_head.bias
         return lm_head.weight.requires_grad or (bias is not None and bias.requires_grad)
 
     def add_segment(self, position, hidden, targets, lm_head, chunk_size):
         """Registers a fused segment; returns the buffers it adds its head gradient into."""
-        if self.weight is None:
-            self.weight, self.bias = lm_head.weight, lm_head.bias
-            if self.weight.requires_grad:
-                self.grad_weight = torch.zeros(
-                    self.weight.shape, dtype=_head_gradient_dtype(self.weight), device=self.weight.device
-                )
-            if self.bias is not None and self.bias.requires_grad:
-                self.grad_bias = torch.zeros(
-                    self.bias.shape, dtype=_head_gradient_dtype(self.bias), device=self.bias.device
-                )
-        self.segments.append((position, hidden.detach(), targets, lm_head, chunk_size))
+        if self.lm_head is None:
+            self.lm_head, self.chunk_size = lm_head, chunk_size
+            weight, bias = lm_head.weight, lm_head.bias
+            if weight.requires_grad:
+                self.grad_weight = torch.zeros(weight.shape, dtype=_head_gradient_dtype(weight), device=weight.device)
+            if bias is not None and bias.requires_grad:
+                self.grad_bias = torch.zeros(bias.shape, dtype=_head_gradient_dtype(bias), device=bias.device)
+        self.segments.append((position, hidden.detach(), targets))
         return self.grad_weight, self.grad_bias
 
     def stack(self, loss_sums: list) -> torch.Tensor:
         """torch.stack(loss_sums) [N], through which the summed head gradient reaches autograd."""
         if not self.segments:
             return torch.stack(loss_sums)
-        return _StackWithHeadGradient.apply(self, self.weight, self.bias, *loss_sums)
+        return _StackWithHeadGradient.apply(self, self.lm_head.weight, self.lm_head.bias, *loss_sums)
 
 
 class _StackWithHeadGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, head_grad, weight, bias, *loss_sums):
-        segments = head_grad.segments
-        ctx.positions = [position for position, *_ in segments]
-        ctx.recompute = [(lm_head, chunk_size) for *_, lm_head, chunk_size in segments]
+        ctx.lm_head, ctx.chunk_size = head_grad.lm_head, head_grad.chunk_size
+        ctx.positions = [position for position, _, _ in head_grad.segments]
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.save_for_backward(
             head_grad.grad_weight, head_grad.grad_bias,
-            *[hidden for _, hidden, *_ in segments], *[targets for _, _, targets, *_ in segments],
+            *[hidden for _, hidden, _ in head_grad.segments], *[targets for _, _, targets in head_grad.segments],
         )
         return torch.stack(loss_sums)
 
@@ -276,10 +272,9 @@ class _StackWithHeadGradient(torch.autograd.Function):
         grad_bias = grad_bias * common if grad_bias is not None else None
         if not torch.equal(grads, common.expand_as(grads)):  # one host sync per backward
             for i in (grads != common).nonzero().flatten().tolist():
-                lm_head, chunk_size = ctx.recompute[i]
                 part_weight = torch.zeros_like(grad_weight) if grad_weight is not None else None
                 part_bias = torch.zeros_like(grad_bias) if grad_bias is not None else None
-                _fused_chunks(hiddens[i], lm_head.weight.detach(), targets[i], lm_head, chunk_size,
+                _fused_chunks(hiddens[i], ctx.lm_head.weight.detach(), targets[i], ctx.lm_head, ctx.chunk_size,
                               None, part_weight, part_bias)
                 if part_weight is not None:
                     grad_weight += part_weight * (grads[i] - common)
