@@ -31,6 +31,8 @@ same threads, or bf16 on the GPU).
     python bench/step.py --profile gpu-350m --device cuda --lengths 16384
     python bench/step.py --variants b c --lengths 4096 --op-profile     # where a step's time goes
     python bench/step.py --variants b c --lengths 4096 --compile        # RMT variants via torch.compile
+    python bench/step.py --variants a b m c --budget-mb 1700 --lengths 16384 --steps 9 --interleave
+                                                      # speed ratios: variants alternated in one process
 
 --compile runs the RMT variants' backbone decoder through torch.compile (a bench-only experiment);
 the compile happens in the warm-up,
@@ -153,10 +155,17 @@ def make_step(variant: str, profile: Profile, length: int, device, dtype, budget
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
     def step(ids):
+        start = time.perf_counter()
         loss = forward_loss(ids)
+        sync(device)
+        forward_done = time.perf_counter()
         loss.backward()
+        sync(device)
+        backward_done = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        step.phases = (forward_done - start, backward_done - forward_done, time.perf_counter() - backward_done)
         return loss.detach()
 
     step.rmt = rmt if variant in "abmtu" else None  # for its last_checkpointed_segments
@@ -203,7 +212,7 @@ def run_point(args) -> dict:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps
     rmt = getattr(step, "rmt", None)
     result = dict(
-        variant=args.variant, profile=args.profile, length=args.length, step_s=min(times), warmup_s=warmup_s, loss=float(loss),
+        variant=args.variant, profile=args.profile, length=args.length, step_s=min(times), step_times_s=[round(t, 3) for t in times], warmup_s=warmup_s, loss=float(loss),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_before_step_mb=rss_before_mb,
         param_mb=sum(p.numel() * p.element_size() for p in params) / 2**20,
         checkpointed_segments=rmt.last_checkpointed_segments if rmt is not None else None,
@@ -214,6 +223,55 @@ def run_point(args) -> dict:
     elif args.live_peak:
         result["live_step_peak_mb"] = live_peak_bytes(step, ids) / 2**20
     return result
+
+
+def run_interleaved(args) -> list:
+    """Every variant of one length in this process, their timed steps alternated (b, c, b, c, ...).
+
+    Load on a shared machine drifts over seconds to minutes; alternating step by step exposes every
+    variant to the same drift, so the ratios move far less than between separate processes. Each
+    variant gets one full-length step first, so the timed steps reuse memory the allocator already
+    holds (steady state, as in training) instead of faulting in fresh pages. Peak RSS is the
+    process's, shared by all variants, so it is not reported per variant.
+    """
+    profile = PROFILES[args.profile]
+    device = torch.device(args.device)
+    dtype = getattr(torch, profile.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    ids = point_tokens(profile, args.length, device)
+    steps = {}
+    for variant in args.interleave_variants:
+        steps[variant], _ = make_step(variant, profile, args.length, device, dtype, args.budget_mb, args.compile)
+        warm_up(steps[variant], ids, profile)
+        steps[variant](ids)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = {variant: [] for variant in steps}
+    phases = {variant: [] for variant in steps}
+    losses = {}
+    for _ in range(args.steps):
+        for variant, step in steps.items():
+            sync(device)
+            start = clock()
+            losses[variant] = step(ids)
+            sync(device)
+            times[variant].append(clock() - start)
+            phases[variant].append(step.phases)
+    rows = []
+    for variant, step in steps.items():
+        rmt = getattr(step, "rmt", None)
+        rows.append(dict(
+            variant=variant, profile=args.profile, length=args.length, step_s=median(times[variant]),
+            step_times_s=[round(t, 3) for t in times[variant]], loss=float(losses[variant]),
+            # Wall-clock medians of forward (with the loss), backward and optimizer step.
+            phases_s=[round(median(list(p)), 3) for p in zip(*phases[variant])],
+            checkpointed_segments=rmt.last_checkpointed_segments if rmt is not None else None,
+        ))
+    return rows
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
 
 
 def point_tokens(profile: Profile, length: int, device) -> torch.Tensor:
@@ -243,6 +301,9 @@ def op_profile(args, rows: int = 18):
                                 args.compile)
             ids = point_tokens(prof_cfg, length, device)
             warm_up(step, ids, prof_cfg)
+            # One full-length step first: otherwise the profiled step is the first to reach full
+            # length and its element-wise ops pay the kernel's zero-fill of every fresh page.
+            step(ids)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(ids)
             events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
@@ -293,6 +354,9 @@ def run_driver(args):
     rows = []
     for length in args.lengths:
         variants = [v for v in args.variants if not (v == "d" and length > args.max_full_attention)]
+        if args.interleave:
+            rows += interleaved_rows(args, variants, length, env, profile, rate)
+            continue
         best = {}
         # Round-robin repeats, fastest kept: on a shared machine load comes and goes, and
         # alternating variants gives each the same chance of a quiet moment.
@@ -317,9 +381,32 @@ def run_driver(args):
             json.dump(dict(profile=args.profile, allocator=args.allocator, matmul_flops=rate, rows=rows), f, indent=1)
 
 
+def interleaved_rows(args, variants, length: int, env: dict, profile: Profile, rate: float) -> list:
+    points = run_point_process(args, ",".join(variants), length, env)
+    if points is None:
+        return []
+    times = {p["variant"]: p["step_times_s"] for p in points}
+    for row in points:
+        row["tokens_per_s"] = length / row["step_s"]
+        row["mfu"] = step_flops(profile, row["variant"], length) / row["step_s"] / rate
+        # Paired per round: the steps of one round ran seconds apart, under the same load.
+        for base in ("c", "b"):
+            if base in times:
+                row[f"paired_vs_{base}"] = median([t / v for t, v in zip(times[base], row["step_times_s"])])
+        forward, backward, optimizer = row["phases_s"]
+        vs_b = f"; {row['paired_vs_b']:.3f}x (b), paired" if "paired_vs_b" in row else ""
+        print(f"  {row['variant']} L={length}: step times {row['step_times_s']} s; median forward {forward} s, "
+              f"backward {backward} s, optimizer {optimizer} s{vs_b}", flush=True)
+        print(format_row(row, None), flush=True)
+    return points
+
+
 def run_point_process(args, variant: str, length: int, env: dict):
+    """One point in a fresh process; `variant` may be a comma-separated list with --interleave."""
     cmd = [sys.executable, os.path.abspath(__file__), "--point", "--variant", variant, "--length", str(length),
            "--profile", args.profile, "--device", args.device, "--threads", str(args.threads), "--steps", str(args.steps)]
+    if args.interleave:
+        cmd.append("--interleave")
     if args.budget_mb is not None:
         cmd += ["--budget-mb", str(args.budget_mb)]
     if not args.live_peak:
@@ -335,12 +422,16 @@ def run_point_process(args, variant: str, length: int, env: dict):
 
 
 def format_row(row, baseline) -> str:
-    ratio = f"{row['tokens_per_s'] / baseline:5.2f}x" if baseline else "   - "
+    if "paired_vs_c" in row:
+        ratio = f"{row['paired_vs_c']:5.2f}x"  # interleaved: the median of per-round ratios
+    else:
+        ratio = f"{row['tokens_per_s'] / baseline:5.2f}x" if baseline else "   - "
     live = f"{row['live_step_peak_mb']:8.0f}" if "live_step_peak_mb" in row else "       -"
+    rss = f"{row['peak_rss_mb']:9.0f}" if "peak_rss_mb" in row else "        -"
     ckpt = row.get("checkpointed_segments")
     ckpt = f"{ckpt}/{-(-row['length'] // PROFILES[row['profile']].segment_size)}" if ckpt is not None else "-"
     return (f"{row['length']:>8} {row['variant']:>2} {row['tokens_per_s']:9.0f} {ratio:>6} {row['mfu'] * 100:5.1f}% "
-            f"{row['peak_rss_mb']:9.0f} {live} {ckpt:>9} {row['loss']:.4f} {row.get('warmup_s', float('nan')):8.1f}")
+            f"{rss} {live} {ckpt:>9} {row['loss']:.4f} {row.get('warmup_s', float('nan')):8.1f}")
 
 
 def print_table(rows, rate):
@@ -376,11 +467,19 @@ def parse_args(argv=None):
                         help="RMT variants run their decoder through torch.compile (compile time: warmup_s)")
     parser.add_argument("--op-profile", action="store_true",
                         help="instead of timing, print each variant's ops by self CPU time (one profiled step)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run all variants of a length in one process, their --steps timed steps alternated "
+                        "(after one full-length step each); step time = median, ratios vs c (and b) = medians of "
+                        "per-round ratios; no per-variant RSS or live peak")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.point:
+        args.interleave_variants = args.variant.split(",")
+        if not set(args.interleave_variants) <= set(VARIANTS):
+            parser.error(f"--variant {args.variant}: valid: {', '.join(sorted(VARIANTS))}")
     if any(length < 1 for length in args.lengths):
         parser.error(f"--lengths {args.lengths}: every length must be a positive integer")
     if min(args.steps, args.threads, args.repeats) < 1:
@@ -396,7 +495,9 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     arguments = parse_args()
-    if arguments.point:
+    if arguments.point and arguments.interleave:
+        print(json.dumps(run_interleaved(arguments)))
+    elif arguments.point:
         print(json.dumps(run_point(arguments)))
     elif arguments.op_profile:
         op_profile(arguments)

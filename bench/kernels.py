@@ -1,0 +1,84 @@
+"""Kernel rates at the shapes one segment of bench/step.py's CPU profile runs, against a square GEMM.
+
+Answers "could the RMT step go faster than the backbone's own kernels?": the rate of every GEMM
+shape of a segment (backbone projections over T + 2m positions, LM head over T) as a ratio to the
+2048^2 GEMM measured in the same run, and one layer's causal attention (forward + backward) with
+each SDPA backend the CPU has.
+
+    python bench/kernels.py                  # CPU profile: d=256, SwiGLU 1024, V=8192, T=512, m=16
+    python bench/kernels.py --threads 1
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def best_seconds(fn, seconds: float) -> float:
+    fn()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_rate(m: int, k: int, n: int, seconds: float) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / best_seconds(lambda: a @ b, seconds)
+
+
+def attention_ms(backend, heads: int, length: int, head_dim: int, seconds: float) -> float:
+    q, k, v = (torch.randn(1, heads, length, head_dim, requires_grad=True) for _ in range(3))
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    with sdpa_kernel(backend):
+        return best_seconds(step, seconds) * 1e3
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--segment", type=int, default=512)
+    parser.add_argument("--mem", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=1.0, help="timing window per kernel (best kept)")
+    args = parser.parse_args(argv)
+    if min(args.threads, args.hidden, args.intermediate, args.vocab, args.heads, args.segment) < 1 or args.mem < 0:
+        parser.error("every size and --threads must be positive (--mem may be 0)")
+    if args.hidden % args.heads:
+        parser.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
+    torch.set_num_threads(args.threads)
+    d, i, v, t = args.hidden, args.intermediate, args.vocab, args.segment
+    n = t + 2 * args.mem
+    reference = gemm_rate(2048, 2048, 2048, 2 * args.seconds)
+    print(f"threads {args.threads}; 2048^2 GEMM {reference / 1e9:.1f} GFLOP/s")
+    shapes = [
+        ("q/k/v/o projection", n, d, d), ("fused q/k/v", n, d, 3 * d), ("gate/up", n, d, i),
+        ("fused gate+up", n, d, 2 * i), ("down", n, i, d), ("LM head logits", t, d, v),
+        ("LM head d(hidden)", t, v, d), ("LM head d(weight)", v, t, d),
+    ]
+    for name, m, k, cols in shapes:
+        rate = gemm_rate(m, k, cols, args.seconds)
+        print(f"  {name:<20} [{m}, {k}] x [{k}, {cols}]  {rate / 1e9:7.1f} GFLOP/s  {rate / reference:5.2f}x")
+    head_dim = d // args.heads
+    # Causal QK^T and AV forward, 2.5x that in backward (flash recomputes the scores).
+    flops = 3.5 * 2 * 2 * args.heads * head_dim * n * (n + 1) / 2
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)):
+        ms = attention_ms(backend, args.heads, n, head_dim, args.seconds)
+        print(f"  attention {name:<6} fwd+bwd, {n} positions: {ms:6.2f} ms  "
+              f"({flops / ms / 1e6:6.1f} GFLOP/s, {flops / ms * 1e3 / reference:4.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
