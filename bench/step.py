@@ -477,9 +477,10 @@ def parse_args(argv=None):
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.point:
-        args.interleave_variants = args.variant.split(",")
-        if not set(args.interleave_variants) <= set(VARIANTS):
-            parser.error(f"--variant {args.variant}: valid: {', '.join(sorted(VARIANTS))}")
+        args.interleave_variants = (args.variant or "").split(",")
+        if not set(args.interleave_variants) <= set(VARIANTS) or (len(args.interleave_variants) > 1 and not args.interleave):
+            parser.error(f"--variant {args.variant}: valid: one of {', '.join(sorted(VARIANTS))} "
+                         f"(a comma-separated list with --interleave)")
     if any(length < 1 for length in args.lengths):
         parser.error(f"--lengths {args.lengths}: every length must be a positive integer")
     if min(args.steps, args.threads, args.repeats) < 1:
