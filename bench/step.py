@@ -15,6 +15,8 @@ Every (variant, length) point runs in a fresh subprocess, so its peak RSS (getru
 The step is warmed up on two segments, then timed at full length. The live-tensor peak comes from
 an extra profiled step (torch.profiler allocation events), so profiler overhead never enters the
 timing. Ratios are tokens/s against variant (c) at the same length, measured in the same run.
+With --interleave, all variants of a length share one process instead and their timed steps
+alternate (run_interleaved): the mode for speed ratios; memory is measured per process.
 
 Model FLOPs of one step (fwd + bwd = 3x fwd; recompute of checkpointing NOT counted), per
 backbone call over n positions of which s produce logits:
@@ -321,21 +323,26 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def best_time(fn, device, seconds: float) -> float:
+    """Fastest of repeated calls of fn() within `seconds` (at least one call)."""
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while best == float("inf") or time.perf_counter() < deadline:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def matmul_rate(device, dtype, threads: int, size: int = 2048, seconds: float = 2.0) -> float:
     """FLOP/s of a square GEMM (the best of repeated timings) on the benchmark's threads."""
     if device.type == "cpu":
         torch.set_num_threads(threads)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / best_time(lambda: a @ b, device, seconds)
 
 
 # ----- the driver -------------------------------------------------------------------------

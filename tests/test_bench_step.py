@@ -21,8 +21,8 @@ def test_interleaved_variants_train_the_same_step(repo_root, tmp_path):
         row = rows[variant]
         assert len(row["step_times_s"]) == 2 and len(row["phases_s"]) == 3
         assert min(abs(row["step_s"] - t) for t in row["step_times_s"]) < 1e-3 and row["tokens_per_s"] > 0
-    # Same weights, same tokens, one optimizer step before each timed one in the same order:
-    # checkpointing and the fused loss must not change the loss.
+    # Same initial weights, same tokens, the same sequence of optimizer steps (warm-up, one
+    # full-length step, the timed ones): checkpointing and the fused loss must not change the loss.
     assert abs(rows["a"]["loss"] - rows["b"]["loss"]) < 1e-4
     assert abs(rows["u"]["loss"] - rows["b"]["loss"]) < 1e-4
     assert rows["a"]["checkpointed_segments"] == 2 and rows["b"]["checkpointed_segments"] == 0

@@ -5,32 +5,30 @@ shape of a segment (backbone projections over T + 2m positions, LM head over T) 
 2048^2 GEMM measured in the same run, and one layer's causal attention (forward + backward) with
 each SDPA backend the CPU has.
 
-    python bench/kernels.py                  # CPU profile: d=256, SwiGLU 1024, V=8192, T=512, m=16
-    python bench/kernels.py --threads 1
+    python bench/kernel_rates.py             # CPU profile: d=256, SwiGLU 1024, V=8192, T=512, m=16
+    python bench/kernel_rates.py --threads 1
+
+(Not named kernels.py: transformers probes for Hugging Face's `kernels` package by import, and a
+bench/kernels.py on sys.path would be found instead.)
 """
 
 import argparse
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step import best_time, matmul_rate  # noqa: E402  (bench/step.py: the same reference rate as its MFU)
 
-def best_seconds(fn, seconds: float) -> float:
-    fn()
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+CPU = torch.device("cpu")
 
 
 def gemm_rate(m: int, k: int, n: int, seconds: float) -> float:
     a, b = torch.randn(m, k), torch.randn(k, n)
-    return 2 * m * k * n / best_seconds(lambda: a @ b, seconds)
+    return 2 * m * k * n / best_time(lambda: a @ b, CPU, seconds)
 
 
 def attention_ms(backend, heads: int, length: int, head_dim: int, seconds: float) -> float:
@@ -40,7 +38,8 @@ def attention_ms(backend, heads: int, length: int, head_dim: int, seconds: float
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
     with sdpa_kernel(backend):
-        return best_seconds(step, seconds) * 1e3
+        step()  # first call outside the timing
+        return best_time(step, CPU, seconds) * 1e3
 
 
 def main(argv=None):
@@ -54,14 +53,18 @@ def main(argv=None):
     parser.add_argument("--mem", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=1.0, help="timing window per kernel (best kept)")
     args = parser.parse_args(argv)
-    if min(args.threads, args.hidden, args.intermediate, args.vocab, args.heads, args.segment) < 1 or args.mem < 0:
-        parser.error("every size and --threads must be positive (--mem may be 0)")
+    for name in ("threads", "hidden", "intermediate", "vocab", "heads", "segment"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be a positive integer")
+    if args.mem < 0:
+        parser.error(f"--mem {args.mem}: must be >= 0")
+    if args.seconds <= 0:
+        parser.error(f"--seconds {args.seconds}: must be > 0")
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
-    torch.set_num_threads(args.threads)
     d, i, v, t = args.hidden, args.intermediate, args.vocab, args.segment
     n = t + 2 * args.mem
-    reference = gemm_rate(2048, 2048, 2048, 2 * args.seconds)
+    reference = matmul_rate(CPU, torch.float32, args.threads, seconds=2 * args.seconds)  # sets the threads
     print(f"threads {args.threads}; 2048^2 GEMM {reference / 1e9:.1f} GFLOP/s")
     shapes = [
         ("q/k/v/o projection", n, d, d), ("fused q/k/v", n, d, 3 * d), ("gate/up", n, d, i),

@@ -1,4 +1,4 @@
-"""bench/kernels.py prints a rate for every GEMM shape of a segment and both SDPA backends, and
+"""bench/kernel_rates.py prints a rate for every GEMM shape of a segment and both SDPA backends, and
 refuses sizes that cannot describe a model."""
 
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 
 def run_kernels(repo_root, *args):
-    return subprocess.run([sys.executable, str(repo_root / "bench" / "kernels.py"), *args],
+    return subprocess.run([sys.executable, str(repo_root / "bench" / "kernel_rates.py"), *args],
                           capture_output=True, text=True, timeout=300)
 
 
