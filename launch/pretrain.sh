@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Pretraining launcher: one machine, or a Slurm job.
+# Pretraining launcher: one machine, a Slurm job, or one rank under any other launcher.
 #
+#   deepspeed [deepspeed options] launch/pretrain.sh [--config configs/NAME.yaml] [key.path=value ...]
+#       DeepSpeed's own launcher decides the processes: every visible GPU (or --num_gpus/--include),
+#       one process on a CPU machine (--num_gpus N for N CPU processes); across nodes from a
+#       hostfile, e.g. inside a Slurm allocation with `--launcher slurm` (README, "Slurm").
+#       DeepSpeed runs this file with Python (`python -u launch/pretrain.sh --local_rank=N ...`):
+#       the Python lines at the end hand each rank back to this script (rank mode, below).
 #   bash launch/pretrain.sh [--config configs/NAME.yaml] [key.path=value ...]
 #       every local GPU (torchrun, one process per GPU), or 2 CPU processes when there is no GPU.
 #       RMT_NPROC=N overrides the process count in both cases.
@@ -9,6 +15,10 @@
 #       Slurm environment (training/distributed.py). Options given to sbatch override the header,
 #       e.g. `sbatch --nodes=4 launch/pretrain.sh ...`, or on a CPU-only cluster
 #       `sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 launch/pretrain.sh`.
+#   torchrun / srun / mpirun ... launch/pretrain.sh [same arguments]   (rank mode)
+#       a process that a launcher already made a rank (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, an
+#       srun step, mpirun) becomes that rank: CPU allocator, then training.pretrain with the same
+#       arguments. `--local_rank=N` / `--local-rank=N` are accepted.
 #
 # Preemption and time limits: Slurm sends SIGUSR1 180 s before the limit (header below) and
 # SIGTERM on preemption or `scancel --signal=TERM`. Every rank saves a complete checkpoint at the
@@ -16,9 +26,13 @@
 # the same command and the trainer resumes from the newest complete checkpoint of the run.
 #
 # Environment: RMT_NPROC (processes on this machine, local runs), PYTHON (interpreter, default
-# python3), RMT_ROOT (repository; default: the sbatch submit directory, else this script's parent).
+# python3; under DeepSpeed's launcher the one that runs it), RMT_ROOT (repository; default: this
+# script's parent, else the sbatch submit directory).
 # On CPU the launcher preloads tcmalloc (else jemalloc, else tunes glibc malloc) unless LD_PRELOAD,
 # MALLOC_* or TCMALLOC_* is set.
+#
+# This file is both a bash script and a Python program (for DeepSpeed's launcher): keep the line
+# below as the first command, write no backslashes and no triple quotes in the bash part.
 #
 #SBATCH --job-name=rmt-pretrain
 #SBATCH --nodes=2
@@ -29,7 +43,7 @@
 #SBATCH --signal=B:USR1@180
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-
+""":"
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -38,25 +52,27 @@ log() { echo "[launch] $*" >&2; }
 die() { echo "[launch] error: $*" >&2; exit 2; }
 
 repo_root() {
-    # sbatch runs a copy of this script from Slurm's spool directory, so its own path says nothing.
-    local root
+    # sbatch runs a copy of this script from Slurm's spool directory, so its own path says nothing
+    # there; every other way of starting it (bash, DeepSpeed's launcher, srun, mpirun) runs the file.
+    local root here
+    here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
     if [[ -n "${RMT_ROOT:-}" ]]; then
         root=$RMT_ROOT
+    elif [[ -f "$here/training/pretrain.py" ]]; then
+        root=$here
     elif [[ -n "${SLURM_JOB_ID:-}" && -n "${SLURM_SUBMIT_DIR:-}" ]]; then
         root=$SLURM_SUBMIT_DIR
     else
-        root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+        root=$here
     fi
     [[ -f "$root/training/pretrain.py" ]] || die "no training/pretrain.py under '$root': submit from the repository root or set RMT_ROOT to it"
     echo "$root"
 }
 
-count_gpus() {
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true
-    else
-        "$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
-    fi
+count_gpus() {  # GPUs this process may use (CUDA_VISIBLE_DEVICES honoured): training/devices.py
+    # A failure (a hung driver, an interpreter without the project's requirements) stops the
+    # launch: falling back to CPU would train a GPU job on CPU without a word.
+    "$PYTHON" -m training.devices || die "cannot count the GPUs with $PYTHON -m training.devices (set PYTHON to the interpreter that has the requirements)"
 }
 
 positive_int() {  # name value
@@ -104,10 +120,12 @@ preflight() {  # world_size args...
     WORLD_SIZE=$world "$PYTHON" - "$@" <<'EOF'
 import sys
 from training.config import ConfigError, load_config
-from training.pretrain import launch_world_size, parse_args, where
+from training.pretrain import launch_world_size, parse_args, precision_problems, where
 args = parse_args(sys.argv[1:])
 try:
     cfg = load_config(args.config, args.overrides, world_size=launch_world_size())
+    if precision_problems(cfg):
+        raise ConfigError(precision_problems(cfg))
 except ConfigError as e:
     print(e.report(), file=sys.stderr)
     sys.exit(2)
@@ -192,6 +210,28 @@ launch_local() {
     exit "$status"
 }
 
+# A process that some launcher already made a rank: DeepSpeed's launcher (through the Python lines
+# at the end of this file, or directly with --no_python), torchrun --no-python, an srun step, mpirun.
+# The rank-discovery rules themselves live in training/distributed.py.
+is_rank_process() {
+    [[ -n "${RANK:-}" && -n "${WORLD_SIZE:-}" && -n "${LOCAL_RANK:-}" ]] && return 0
+    [[ -n "${SLURM_STEP_ID:-}" && -n "${SLURM_PROCID:-}" ]] && return 0
+    [[ -n "${OMPI_COMM_WORLD_SIZE:-}" || -n "${PMIX_RANK:-}" ]]
+}
+
+launch_rank() {
+    local root=$1; shift
+    cd "$root"
+    local gpus
+    gpus=$(count_gpus)
+    if [[ "$gpus" -eq 0 && "${RANK:-${SLURM_PROCID:-${OMPI_COMM_WORLD_RANK:-0}}}" == 0 ]]; then
+        configure_cpu_allocator
+    elif [[ "$gpus" -eq 0 ]]; then
+        configure_cpu_allocator 2>/dev/null  # the same line from every rank would be noise
+    fi
+    exec "$PYTHON" -u -m training.pretrain "$@"
+}
+
 main() {
     local arg
     for arg in "$@"; do
@@ -201,8 +241,10 @@ main() {
     done
     local root
     root=$(repo_root)
+    if is_rank_process; then
+        launch_rank "$root" "$@"
     # A batch script or an salloc shell (job, but no step yet): start one task per GPU with srun.
-    if [[ -n "${SLURM_JOB_ID:-}" && -z "${SLURM_STEP_ID:-}" ]]; then
+    elif [[ -n "${SLURM_JOB_ID:-}" && -z "${SLURM_STEP_ID:-}" ]]; then
         launch_slurm "$root" "$@"
     else
         launch_local "$root" "$@"
@@ -210,3 +252,15 @@ main() {
 }
 
 main "$@"
+exit
+: <<'#END_OF_PYTHON'  # bash never runs what follows; this keeps `bash -n` able to parse it
+":"""
+# Python: DeepSpeed's launcher runs this file as `python -u launch/pretrain.sh --local_rank=N ...`
+# (its Slurm, MPI and pdsh back-ends the same way, without --local_rank). Everything above is one
+# string to Python; the rank is handed back to the bash part, which starts it like any other rank.
+import os
+import sys
+
+os.environ.setdefault("PYTHON", sys.executable)
+os.execvp("bash", ["bash", os.path.abspath(__file__), *sys.argv[1:]])
+#END_OF_PYTHON

@@ -53,8 +53,9 @@ def test_recipe_loads_and_validates(recipe):
     # What the file says is what the resolved config holds (no key silently dropped).
     assert_subset(raw, cfg.to_dict(), recipe.name)
     ds = cfg.deepspeed.engine_config(cfg.batch, cfg.optim, world)
-    assert ds["train_batch_size"] == (cfg.batch.micro_batch_size * cfg.batch.grad_accum_steps
-                                      * world)
+    used = cfg.batch.for_world(world)
+    assert ds["train_batch_size"] == used.micro_batch_size * used.grad_accum_steps * world
+    assert ds["gradient_accumulation_steps"] == used.grad_accum_steps
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
     assert ds["bf16"]["enabled"] == (cfg.deepspeed.precision == "bf16")
 
@@ -154,7 +155,7 @@ def test_cli_bad_config_no_traceback_no_run_dir(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.run(
         [sys.executable, "-m", "training.pretrain", f"run.runs_dir={runs}", "optim.lr=-1",
-         "batch.global_batch_size=7", "nonsense.key=1"],
+         "batch.micro_batch_size=4", "batch.global_batch_size=7", "nonsense.key=1"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
     assert proc.returncode == 2, proc.stderr
@@ -195,3 +196,42 @@ def test_config_error_lists_problems():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["optim.lr=0", "optim.eps=0"])
     assert len(e.value.problems) == 2
+
+
+# (micro, accum, global, world) -> (micro, accum) a run uses; DeepSpeed's rule, worked by hand.
+BATCH_SPLITS = [
+    ((16, None, 32, 1), (16, 2)),    # the default recipe on one rank: accumulate
+    ((16, None, 32, 2), (16, 1)),
+    ((16, None, 32, 4), (8, 1)),     # world too large for micro 16: it shrinks, never grows
+    ((16, None, 32, 32), (1, 1)),
+    ((8, None, 256, 8), (8, 4)),     # the GPT-2 recipe on 8 GPUs
+    ((4, None, 96, 3), (4, 8)),
+    ((16, 2, 32, 1), (16, 2)),       # all three given and consistent
+    ((16, None, None, 4), (16, 1)),  # no global batch: per rank, grows with the world
+    ((8, 4, None, 2), (8, 4)),
+]
+
+
+@pytest.mark.parametrize("given,used", BATCH_SPLITS, ids=str)
+def test_batch_split_for_any_world_size(given, used):
+    from training.config import BatchConfig
+
+    micro, accum, total, world = given
+    out = BatchConfig(micro, accum, total).for_world(world)
+    assert (out.micro_batch_size, out.grad_accum_steps) == used
+    assert out.global_batch_size == (total or used[0] * used[1] * world)
+    assert out.micro_batch_size * out.grad_accum_steps * world == out.global_batch_size
+
+
+@pytest.mark.parametrize("given,fragment", [
+    ((16, None, 32, 3), "world sizes that work: 1, 2, 4, 8, 16, 32"),
+    ((5, None, 32, 2), "micro_batch_size that work: 1, 2, 4"),
+    ((16, 1, 32, 1), "needs grad_accum_steps 2, not 1"),
+])
+def test_impossible_batch_split_names_values_that_work(given, fragment):
+    from training.config import BatchConfig
+
+    micro, accum, total, world = given
+    with pytest.raises(ConfigError) as e:
+        BatchConfig(micro, accum, total).for_world(world)
+    assert fragment in str(e.value)

@@ -59,3 +59,22 @@ def test_tokenizer_command_refuses_a_memory_task_recipe(tmp_path):
                           "--vocab-size", "600", "--out", str(tmp_path / "tok")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "memory_tasks" in run.stderr
+
+
+def test_tokenizer_command_applies_no_training_only_checks_to_the_default_recipe(tmp_path):
+    """The default recipe fixes a global batch of 32 that a tokenizer has nothing to do with: its
+    world-size arithmetic is not checked (issue 17). Given a text source, it trains."""
+    lib = Path(json.__file__).parent
+    with open(tmp_path / "src.jsonl", "w") as f:
+        for path in sorted(lib.glob("*.py"))[:5]:
+            f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
+    base = [sys.executable, "-m", "training.tokenizer", "--config", "configs/tiny_cpu.yaml",
+            "--vocab-size", "300", "--out", str(tmp_path / "tok")]
+    as_shipped = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert as_shipped.returncode == 2 and "batch" not in as_shipped.stderr, as_shipped.stderr
+    assert "memory_tasks" in as_shipped.stderr  # the one real problem: no text to train on
+    with_text = subprocess.run([*base, "data.source=text",
+                                f"data.sources=[{{path_or_name: {tmp_path}/src.jsonl}}]"],
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert with_text.returncode == 0, with_text.stderr
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()

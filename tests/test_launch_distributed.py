@@ -27,7 +27,8 @@ BATCH = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_NTASKS": "5"}
     (BATCH, "single"),
     (SRUN_STEP, "slurm"),
     ({**BATCH, "OMPI_COMM_WORLD_SIZE": "2"}, "mpi"),           # mpirun inside sbatch
-    ({**SRUN_STEP, "PMIX_RANK": "3"}, "mpi"),                  # srun --mpi=pmix
+    ({**SRUN_STEP, "PMIX_RANK": "3"}, "slurm"),                # srun --mpi=pmix / MpiDefault=pmix
+    ({"PMIX_RANK": "3"}, "mpi"),                               # PMIx launch outside srun
     ({**SRUN_STEP, "PMI_RANK": "3", "PMI_SIZE": "5"}, "slurm"),  # srun --mpi=pmi2: Slurm's variables suffice
     ({**SRUN_STEP, "OMPI_COMM_WORLD_SIZE": "2", **TORCHRUN}, "torchrun"),  # torchrun inside a step
 ])
@@ -119,7 +120,7 @@ def test_two_ranks_all_reduce_and_one_thread_each(tmp_path):
 
 @pytest.mark.parametrize("fault", ["--stall-rank", "--die-rank"])
 def test_faulty_peer_makes_the_other_rank_fail_instead_of_hanging(tmp_path, fault):
-    # The rendezvous timeout stays at its 900 s default: only the collective timeout can end a stall.
+    # The rendezvous timeout stays at its 1800 s default: only the collective timeout can end a stall.
     procs = _spawn_pair(tmp_path, "--timeout-s", "5", fault, "1")
     try:
         out0 = procs[0].communicate(timeout=180)[0]
@@ -130,6 +131,6 @@ def test_faulty_peer_makes_the_other_rank_fail_instead_of_hanging(tmp_path, faul
     errors = _probe_lines(out0, "PROBE_ERROR")
     assert errors and errors[0]["rank"] == 0, out0
     if fault == "--stall-rank":
-        # Failed through the 5 s collective timeout, not the 900 s rendezvous one (communicate's
+        # Failed through the 5 s collective timeout, not the 1800 s rendezvous one (communicate's
         # 180 s limit would have fired first).
         assert "Timed out" in errors[0]["error"]

@@ -104,3 +104,16 @@ def test_sigterm_to_launcher_checkpoints_every_rank_and_exits_zero(repo_root, tm
     assert f"stopped on signal, checkpoint saved at step {stopped_at}" in train_log(run_dir)
     step_dir = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
     assert sorted(p.name for p in step_dir.glob("rank_*.json")) == ["rank_00000.json", "rank_00001.json"]
+
+
+def test_precision_the_machine_lacks_is_refused_before_ranks_start(repo_root, tmp_path):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        import pytest
+        pytest.skip("this machine's DeepSpeed accelerator trains in fp16")
+    result = run_launcher(repo_root, tiny_args(tmp_path / "runs", "fp16", 2, "deepspeed.precision=fp16"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("invalid configuration") == 1 and "deepspeed.precision: fp16" in result.stderr
+    assert "OMP_NUM_THREADS" not in result.stderr and "Traceback" not in result.stderr  # no torchrun
+    assert not (tmp_path / "runs").exists()

@@ -11,6 +11,8 @@ start costs tens of seconds on 2 cores):
 """
 from __future__ import annotations
 
+import shlex
+
 from tests.cluster.fixtures import slurm_cluster  # noqa: F401  (pytest fixture)
 from tests.cluster.poll import wait_until
 from tests.cluster.runs import complete_steps, resumed_step, tiny_args, train_log
@@ -21,8 +23,8 @@ FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 CHECKPOINTS = ["checkpoint.every=3", "checkpoint.keep_last=100"]
 
 
-def submit(cluster, repo_root, out_dir, args, wait=False):
-    job_id, proc = cluster.sbatch([*CPU_NODE, f"--output={out_dir}/slurm-%j.out", "launch/pretrain.sh", *args],
+def submit(cluster, repo_root, out_dir, args, wait=False, script="launch/pretrain.sh"):
+    job_id, proc = cluster.sbatch([*CPU_NODE, f"--output={out_dir}/slurm-%j.out", script, *args],
                                   cwd=repo_root, wait=wait)
     return job_id, proc, out_dir / f"slurm-{job_id}.out"
 
@@ -83,3 +85,50 @@ def test_sbatch_preemption_resubmission_and_requeue_resume_to_full_outputs(slurm
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     # The launcher said where everything goes before training started.
     assert f"run directory : {run_dir}" in log2 and "tensorboard --logdir" in log2
+
+
+def deepspeed_job_script(path, repo_root, args) -> str:
+    """The documented way to use DeepSpeed's launcher in an allocation (README, "Slurm")."""
+    from tests.test_launch_deepspeed import deepspeed_command
+
+    path.write_text("#!/bin/bash\nset -euo pipefail\n"
+                    f"cd {repo_root}\n"
+                    f"{' '.join(deepspeed_command())} $(bash launch/deepspeed_slurm_args.sh) "
+                    f"launch/pretrain.sh {shlex.join(args)}\n")
+    return str(path)
+
+
+def test_deepspeed_launcher_in_an_sbatch_job_trains_across_two_tasks_and_stops_on_sigterm(
+        slurm_cluster, repo_root, tmp_path):
+    """DeepSpeed's Slurm back-end starts the ranks as 2 tasks of one srun step; they meet through
+    the Slurm environment. A preemption (`scancel --signal=TERM`) reaches every task: each saves
+    at the next step boundary and the job completes with exit 0."""
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "dsjob"
+    script = deepspeed_job_script(tmp_path / "job.sh", repo_root,
+                                  tiny_args(runs, "dsjob", 5000, *CHECKPOINTS, "run.export=false"))
+    job, proc, out = submit(slurm_cluster, repo_root, tmp_path, [], wait=True, script=script)
+    wait_for_checkpoint_after(slurm_cluster, job, run_dir, 0, out)
+    slurm_cluster.run(["scancel", "--signal=TERM", str(job)])
+    assert proc.wait(timeout=JOB_TIMEOUT_S) == 0, out.read_text(errors="replace")[-4000:]
+    slurm_cluster.wait_job_state(job, FINAL_STATES, JOB_TIMEOUT_S)
+    log = out.read_text(errors="replace")
+    assert job_result(slurm_cluster, job) == ("COMPLETED", "0:0"), log[-4000:]
+    assert "cmd = srun -n 2" in log, log[-4000:]
+    assert "on 2 rank(s) (slurm)" in train_log(run_dir)
+    stopped_at = complete_steps(run_dir)[-1]
+    assert 3 <= stopped_at < 5000
+    assert f"stopped on signal, checkpoint saved at step {stopped_at}" in train_log(run_dir)
+
+
+def test_srun_of_the_launcher_runs_one_rank_per_task(slurm_cluster, repo_root, tmp_path):
+    """`srun launch/pretrain.sh` inside an allocation: each task is a rank (rank mode)."""
+    runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "srun"
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nset -euo pipefail\n"
+                      f"cd {repo_root}\n"
+                      f"srun bash launch/pretrain.sh {shlex.join(tiny_args(runs, 'srun', 2, 'run.export=false'))}\n")
+    job, proc, out = submit(slurm_cluster, repo_root, tmp_path, [], wait=True, script=str(script))
+    assert proc.wait(timeout=JOB_TIMEOUT_S) == 0, out.read_text(errors="replace")[-4000:]
+    assert job_result(slurm_cluster, job) == ("COMPLETED", "0:0"), out.read_text(errors="replace")[-4000:]
+    assert "on 2 rank(s) (slurm)" in train_log(run_dir)
+    assert complete_steps(run_dir) == [2]

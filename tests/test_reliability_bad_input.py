@@ -57,7 +57,8 @@ def assets(tmp_path_factory):
 
 def text_overrides(assets: Path, data_file: str | Path) -> list[str]:
     return ["data.source=text", f"data.tokenizer={assets / 'tok'}",
-            f"data.sources=[{{path_or_name: '{data_file}'}}]", "model.backbone.vocab_size=512"]
+            f"data.sources=[{{path_or_name: '{data_file}'}}]", "model.backbone.vocab_size=512",
+            "data.eval_fraction=0.2"]  # ASSET_RUN's eval.batches=1 needs held-out text
 
 
 def copy_run(assets: Path, work: Path) -> Path:
@@ -108,6 +109,13 @@ def _world_two(run_dir: Path) -> None:
     state.write_text(text.replace('"world_size": 1', '"world_size": 2'))  # same size: manifest ok
 
 
+def _backbone_folder(work: Path, config_json: str) -> Path:
+    """A model.init_from folder holding only this config.json (no weights)."""
+    (work / "backbone").mkdir()
+    (work / "backbone" / "config.json").write_text(config_json)
+    return work / "backbone"
+
+
 def _damaged(work, assets, damage):
     run_dir = copy_run(assets, work)
     damage(run_dir)
@@ -129,6 +137,12 @@ CASES = {
                                ["optim.lr", "expected key.path=value"]),
     "wrong_type": (lambda a, w: pretrain(w, "run.max_steps=ten"),
                    ["run.max_steps", "expected int"]),
+    "init_from_without_weights": (lambda a, w: _backbone_folder(w, '{"model_type": "llama"}') and
+                                  pretrain(w, f"model.init_from={w / 'backbone'}"),
+                                  ["model.init_from", "holds no weights", "model.safetensors"]),
+    "init_from_config_not_json": (lambda a, w: _backbone_folder(w, '{"model_type": ') and
+                                  pretrain(w, f"model.init_from={w / 'backbone'}"),
+                                  ["model.init_from", "cannot read", "config.json as JSON"]),
     "config_is_a_directory": (lambda a, w: [pretrain(w)[0], ["--config", str(w)]],
                               ["--config", "is not a file", "configs/tiny_cpu.yaml"]),
     "config_not_a_mapping": (lambda a, w: (w / "r.yaml").write_text("- a\n- b\n") and
@@ -158,6 +172,10 @@ CASES = {
                             ["data.sources[0].path_or_name", "matches no file"]),
     "data_file_missing": (lambda a, w: pretrain(w, *text_overrides(a, w / "nope.jsonl")),
                           ["data.sources[0].path_or_name", "nope.jsonl", "existing file"]),
+    "text_without_eval_data": (lambda a, w: pretrain(w, *text_overrides(a, a / "corpus.jsonl"),
+                                                     "data.eval_fraction=0"),
+                               ["eval.batches: 1", "data.eval_sources", "data.eval_fraction > 0",
+                                "eval.batches=0"]),
     "data_file_empty": (lambda a, w: (w / "d.jsonl").touch() or
                         pretrain(w, *text_overrides(a, w / "d.jsonl")),
                         ["data.sources[0].path_or_name", "only empty files"]),
@@ -177,6 +195,13 @@ CASES = {
                                 pretrain(w, *text_overrides(a, a / "corpus.jsonl"),
                                          f"data.tokenizer={w / 't'}"),
                                 ["data.tokenizer", "cannot load"]),
+    "tokenizer_folder_missing": (lambda a, w: pretrain(w, *text_overrides(a, a / "corpus.jsonl"),
+                                                       f"data.tokenizer={w / 'no_such_tok'}"),
+                                 ["data.tokenizer", "no_such_tok", "no such directory",
+                                  "python -m training.tokenizer"]),
+    "memory_tasks_with_text_tokenizer": (lambda a, w: pretrain(w, f"data.tokenizer={a / 'tok'}"),
+                                         ["data.tokenizer", "memory_tasks corpus",
+                                          "tokenizer: builtin"]),
     "tokenizer_cli_vocab_too_small": (
         lambda a, w: tokenizer("--config", "configs/tiny_cpu.yaml", "--vocab-size", "10",
                                "--out", w / "newtok", "data.source=text", "batch.global_batch_size=null",
@@ -291,3 +316,41 @@ def test_one_case_end_to_end_in_a_fresh_process(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "optim.lr: -0.1 must be > 0" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_tokenizer_in_the_local_cache_is_checked_before_any_rank_starts(assets, tmp_path):
+    """A hub name (not a folder) is loaded from the local Hugging Face cache, never the network:
+    a cached tokenizer larger than the model's vocabulary fails validation like a folder does; a
+    name that is not cached is left to the ranks, which download it."""
+    repo = tmp_path / "hub" / "models--rmt-test--tok"
+    snapshot_dir = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(assets / "tok", snapshot_dir)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    # The cache's record that the repository has no model config (a tokenizer-only repository).
+    (repo / ".no_exist" / ("0" * 40)).mkdir(parents=True)
+    (repo / ".no_exist" / ("0" * 40) / "config.json").touch()
+    env = _env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    base = [*ASSET_RUN, *text_overrides(assets, assets / "corpus.jsonl")]
+
+    def check(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "training.config", "--check",
+                               "configs/tiny_cpu.yaml", *base, *overrides], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert check("data.tokenizer=rmt-test/tok").returncode == 0
+    assert check("data.tokenizer=rmt-test/not-cached").returncode == 0
+    partial = tmp_path / "hub" / "models--rmt-test--partial"  # tokenizer.json not cached yet
+    shutil.copytree(repo, partial)
+    (partial / "snapshots" / ("0" * 40) / "tokenizer.json").unlink()
+    assert check("data.tokenizer=rmt-test/partial").returncode == 0
+    runs = tmp_path / "runs"
+    before = snapshot(tmp_path, assets)
+    proc = subprocess.run([sys.executable, "-m", "training.pretrain", f"run.runs_dir={runs}",
+                           *base, "data.tokenizer=rmt-test/tok", "model.backbone.vocab_size=64"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (f"model.backbone.vocab_size: 64 is smaller than data.tokenizer 'rmt-test/tok' "
+            f"({TEXT_VOCAB} tokens)") in proc.stderr, proc.stderr
+    assert snapshot(tmp_path, assets) == before and not runs.exists()

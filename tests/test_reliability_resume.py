@@ -22,9 +22,12 @@ from tests.test_reliability_helpers import (all_steps, complete_steps, console, 
 
 STEPS = 10
 # Memory noise on: the losses then depend on the restored RNG state, not only on weights and data.
-EVERY_STEP = [f"run.max_steps={STEPS}", "checkpoint.every=1", "checkpoint.keep_last=1",
-              "model.memory_noise=0.5"]
 COLLECTIVE_DEADLINE_S = 120  # issue 5: the surviving ranks exit within two minutes
+# A killed rank is usually noticed at once (broken connection); if not, the training collective
+# timeout must end the wait well inside the deadline (the default, 900 s, is for real clusters).
+COLLECTIVE_TIMEOUT_S = 60
+EVERY_STEP = [f"run.max_steps={STEPS}", "checkpoint.every=1", "checkpoint.keep_last=1",
+              "model.memory_noise=0.5", f"distributed.timeout_s={COLLECTIVE_TIMEOUT_S}"]
 
 
 def resumed_from(text: str) -> list[int]:

@@ -11,6 +11,7 @@ interface with GLOO_SOCKET_IFNAME. Jobs are the project's `sbatch launch/pretrai
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -184,7 +185,10 @@ class TwoNodeCluster:
 
 
 STEPS = 10
-JOB_ARGS = [*TINY, f"run.max_steps={STEPS}", "checkpoint.every=2", "checkpoint.keep_last=2"]
+# The node loss must fail the job within 120 s: should rank 0 not see the broken connection, the
+# training collective timeout (default 900 s, for real clusters) has to end its wait.
+JOB_ARGS = [*TINY, f"run.max_steps={STEPS}", "checkpoint.every=2", "checkpoint.keep_last=2",
+            "distributed.timeout_s=60"]
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
              "--time=15"]
 FAILED = ("FAILED", "NODE_FAIL", "CANCELLED", "TIMEOUT")
@@ -208,20 +212,26 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
+@pytest.fixture(scope="module")
+def one_node_losses(tmp_path_factory) -> dict[int, float]:
+    """The reference curve: the same run on one node (2 ranks under torchrun)."""
+    single = tmp_path_factory.mktemp("single") / "run"
+    proc = launch_torchrun(single, *JOB_ARGS)
+    assert proc.wait(timeout=300) == 0, console(single)[-3000:]
+    return train_losses(single)
+
+
 def complete(run_dir: Path) -> list[int]:
     return sorted(int(d.name[5:]) for d in (run_dir / "checkpoints").glob("step_*")
                   if (d / "COMPLETE").is_file())
 
 
-def test_zero3_across_two_nodes_matches_one_node_and_survives_a_node_loss(cluster, tmp_path):
+def test_zero3_across_two_nodes_matches_one_node_and_survives_a_node_loss(cluster, one_node_losses,
+                                                                         tmp_path):
     """One ZeRO-3 job, one rank per node. Once it has a checkpoint, every process of node n2 is
     SIGKILLed (slurmd included): the job must fail fast. The node comes back, the job is requeued
     and resumes from the newest complete checkpoint. The stitched loss curve equals the curve of
     the same run on one node (2 ranks under torchrun) within 1e-4."""
-    single = tmp_path / "single" / "run"
-    proc = launch_torchrun(single, *JOB_ARGS)
-    assert proc.wait(timeout=300) == 0, console(single)[-3000:]
-
     run_dir = tmp_path / "two" / "run"
     out = tmp_path / "job.out"
     submit = cluster.client(["sbatch", "--parsable", *TWO_NODES, f"--output={out}",
@@ -267,9 +277,41 @@ def test_zero3_across_two_nodes_matches_one_node_and_survives_a_node_loss(cluste
     assert f"(step {newest})" in train_log.split("resumed from")[-1].splitlines()[0]
     assert complete(run_dir)[-1] == STEPS
 
-    a, b = train_losses(single), train_losses(run_dir)
+    a, b = one_node_losses, train_losses(run_dir)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-4, (a, b)
+
+
+def test_deepspeed_launcher_spans_both_nodes_and_matches_one_node(cluster, one_node_losses,
+                                                                  tmp_path):
+    """The users' command inside an allocation of both nodes (README, "Slurm"): DeepSpeed's runner
+    on n1 starts one rank per node through its Slurm back-end; the curve equals one node's."""
+    from tests.test_launch_deepspeed import deepspeed_command
+
+    cluster.wait_settled(seconds=5)
+    run_dir = tmp_path / "ds" / "run"
+    script = tmp_path / "job.sh"
+    args = shlex.join([f"run.runs_dir={run_dir.parent}", f"run.name={run_dir.name}", *JOB_ARGS])
+    script.write_text(f"#!/bin/bash\nset -euo pipefail\ncd {REPO}\n"
+                      f"export RMT_HOSTFILE={tmp_path / 'hostfile'}\n"
+                      f"{' '.join(deepspeed_command())} $(bash launch/deepspeed_slurm_args.sh) "
+                      f"launch/pretrain.sh {args}\n")
+    out = tmp_path / "job.out"
+    submit = cluster.client(["sbatch", "--parsable", *TWO_NODES, f"--output={out}", str(script)],
+                            cwd=REPO)
+    assert submit.returncode == 0, submit.stderr
+    job = int(submit.stdout.strip().split(";")[0])
+    wait_until(lambda: cluster.job_field(job, "JobState") in FAILED + ("COMPLETED",), 400,
+               "the DeepSpeed-launched two-node job to finish", out)
+    log = out.read_text(errors="replace")
+    assert cluster.job_field(job, "JobState") == "COMPLETED", log[-4000:]
+    assert (tmp_path / "hostfile").read_text().split("\n") == ["n1 slots=1", "n2 slots=1", ""]
+    assert "cmd = srun -n 2" in log, log[-4000:]  # DeepSpeed's Slurm back-end
+    assert "on 2 rank(s) (slurm)" in (run_dir / "train.log").read_text()
+    assert complete(run_dir)[-1] == STEPS
+    b = train_losses(run_dir)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert max(abs(one_node_losses[s] - b[s]) for s in b) <= 1e-4, (one_node_losses, b)
 
 
 if __name__ == "__main__":  # manual bring-up: python -m tests.test_reliability_two_nodes DIR

@@ -37,6 +37,9 @@ DS_KEYS_OWNED_BY_RECIPE = (
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
     "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16",
 )
+# What a Hugging Face model folder keeps its weights in (model.init_from needs one of them).
+INIT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 class ConfigError(ValueError):
@@ -122,7 +125,16 @@ class ModelConfig:
                 out.append(f"model.init_from: {self.init_from!r} is not a Hugging Face model "
                            f"folder (no {cfg_file})")
             else:
-                pretrained = json.loads(cfg_file.read_text())
+                if not any((Path(self.init_from) / name).is_file() for name in INIT_WEIGHTS):
+                    out.append(f"model.init_from: {self.init_from!r} holds no weights (none of "
+                               f"{', '.join(INIT_WEIGHTS)}); give a folder saved with "
+                               f"save_pretrained, or model.init_from=null to start from scratch")
+                try:
+                    pretrained = json.loads(cfg_file.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    return out + [f"model.init_from: cannot read {cfg_file} as JSON ({e})"]
+                if not isinstance(pretrained, dict):
+                    return out + [f"model.init_from: {cfg_file} must hold a JSON object"]
                 clashes = sorted(k for k, v in self.backbone.items()
                                  if k in pretrained and pretrained[k] != v)
                 for k in clashes:
@@ -171,28 +183,87 @@ class OptimConfig:
 
 @dataclass
 class BatchConfig:
-    micro_batch_size: int = doc(16, "samples per rank per forward/backward")
-    grad_accum_steps: int = doc(1, "micro-batches accumulated per optimizer step")
-    global_batch_size: Optional[int] = doc(None, "if set, must equal micro_batch_size x "
-                                           "grad_accum_steps x world size")
+    micro_batch_size: int = doc(16, "samples per rank per forward/backward: the most a rank takes "
+                                "(less where global_batch_size / world size is less)")
+    grad_accum_steps: Optional[int] = doc(None, "micro-batches accumulated per optimizer step; "
+                                          "null = derived from global_batch_size (1 without it)")
+    global_batch_size: Optional[int] = doc(None, "samples per optimizer step over all ranks, kept "
+                                           "on any world size (grad_accum_steps, and "
+                                           "micro_batch_size where needed, derived from it); "
+                                           "null = micro_batch_size x grad_accum_steps x world size")
 
-    def problems(self, world_size: int) -> list[str]:
+    def problems(self, world_size: Optional[int] = None) -> list[str]:
+        """`world_size` None: the checks that hold on any world size (commands that do not train)."""
         out = []
         if self.micro_batch_size < 1:
             out.append(f"batch.micro_batch_size: {self.micro_batch_size} must be >= 1")
-        if self.grad_accum_steps < 1:
-            out.append(f"batch.grad_accum_steps: {self.grad_accum_steps} must be >= 1")
-        if self.global_batch_size is not None and not out:
-            product = self.micro_batch_size * self.grad_accum_steps * world_size
-            if product != self.global_batch_size:
-                fits = self.global_batch_size % (self.micro_batch_size * world_size) == 0
-                hint = (f"use batch.grad_accum_steps="
-                        f"{self.global_batch_size // (self.micro_batch_size * world_size)}"
-                        if fits else "no grad_accum_steps fits this micro batch and world size")
-                out.append(f"batch.global_batch_size: {self.global_batch_size} != micro_batch_size "
-                           f"{self.micro_batch_size} x grad_accum_steps {self.grad_accum_steps} x "
-                           f"world size {world_size} = {product} ({hint})")
+        if self.grad_accum_steps is not None and self.grad_accum_steps < 1:
+            out.append(f"batch.grad_accum_steps: {self.grad_accum_steps} must be >= 1 or null")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            out.append(f"batch.global_batch_size: {self.global_batch_size} must be >= 1 or null")
+        if not out and world_size is not None and world_size >= 1:
+            try:
+                self.for_world(world_size)
+            except ConfigError as e:
+                out += e.problems
         return out
+
+    def for_world(self, world_size: int) -> "BatchConfig":
+        """The sizes a run on `world_size` ranks uses, all three set, as DeepSpeed derives the third
+        of train_batch / micro / accumulation: with global_batch_size fixed, accumulation is
+        global / (micro x world); where the world is too large for the recipe's micro batch, the
+        micro batch shrinks to global / world (never grows). Raises ConfigError naming values that
+        work when no such split exists."""
+        micro, accum, total = self.micro_batch_size, self.grad_accum_steps, self.global_batch_size
+        if total is None:
+            accum = accum or 1
+            return BatchConfig(micro, accum, micro * accum * world_size)
+        where = (f"batch.global_batch_size: {total} over world size {world_size} with "
+                 f"micro_batch_size {micro}" + (f" and grad_accum_steps {accum}" if accum else ""))
+        if total % world_size:
+            raise _no_split(where, f"{total} samples do not split over {world_size} ranks",
+                            "world sizes", _divisors(total, total), total, world_size)
+        per_rank = total // world_size
+        derived_micro = min(micro, per_rank)
+        if per_rank % derived_micro:
+            raise _no_split(where, f"{per_rank} samples per rank are not a multiple of the micro "
+                            "batch", "micro_batch_size", _divisors(per_rank, micro), total,
+                            micro * world_size)
+        derived_accum = per_rank // derived_micro
+        if accum is not None and accum != derived_accum:
+            raise ConfigError([f"{where}: needs grad_accum_steps {derived_accum}, not {accum} "
+                               f"(set batch.grad_accum_steps=null to derive it)"])
+        return BatchConfig(derived_micro, derived_accum, total)
+
+    def describe(self, world_size: int) -> str:
+        """How the run's batch is made up, e.g. for the log: 'global 32 = micro 16 x accum 2 x 1 rank(s)'."""
+        used = self.for_world(world_size)
+        text = (f"global {used.global_batch_size} = micro {used.micro_batch_size} x accum "
+                f"{used.grad_accum_steps} x {world_size} rank(s)")
+        derived = [name for name in ("micro_batch_size", "grad_accum_steps")
+                   if getattr(used, name) != getattr(self, name)]
+        return text + (f" ({' and '.join(derived)} derived from batch.global_batch_size)"
+                       if derived and self.global_batch_size is not None else "")
+
+
+def _no_split(where: str, what: str, name: str, fits: list[int], total: int,
+              multiple: int) -> ConfigError:
+    return ConfigError([f"{where}: {what} ({name} that work: {_some(fits)}; or a "
+                        f"global_batch_size that is a multiple of {multiple}, e.g. "
+                        f"{_nearest_multiples(total, multiple)})"])
+
+
+def _divisors(n: int, at_most: int) -> list[int]:
+    return [d for d in range(1, at_most + 1) if n % d == 0]
+
+
+def _some(values: list[int], limit: int = 8) -> str:
+    return ", ".join(map(str, values[:limit])) + (", ..." if len(values) > limit else "")
+
+
+def _nearest_multiples(value: int, step: int) -> str:
+    below, above = value // step * step, -(-value // step) * step
+    return " or ".join(str(v) for v in dict.fromkeys((below, above)) if v > 0)
 
 
 @dataclass
@@ -254,6 +325,7 @@ class DeepSpeedConfig:
 
     def engine_config(self, batch: "BatchConfig", optim: "OptimConfig", world_size: int) -> dict:
         """The DeepSpeed config dict: template, then the recipe's batch/precision/offload, then extra."""
+        batch = batch.for_world(world_size)
         ds = json.loads(self.template_path().read_text())
         zero = ds.setdefault("zero_optimization", {"stage": 0})
         for key in ("offload_optimizer", "offload_param"):
@@ -262,7 +334,7 @@ class DeepSpeedConfig:
         ds.update({
             "train_micro_batch_size_per_gpu": batch.micro_batch_size,
             "gradient_accumulation_steps": batch.grad_accum_steps,
-            "train_batch_size": batch.micro_batch_size * batch.grad_accum_steps * world_size,
+            "train_batch_size": batch.global_batch_size,
             "gradient_clipping": optim.grad_clip,
             "bf16": {"enabled": self.precision == "bf16"},
             "fp16": {"enabled": self.precision == "fp16", "loss_scale": 0,
@@ -370,6 +442,32 @@ class GuardConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # A rank that crashes or is killed is noticed at once (its peers' connections break); these
+    # bound how long the others wait on a rank that hangs (stuck kernel, hung file system, a node
+    # gone without closing its sockets). While training, ranks legitimately drift apart for a
+    # checkpoint write or pruning on a slow shared file system and the first steps' compilation:
+    # 900 s is 1.5x torch's NCCL default (600 s, what most clusters train under) for that
+    # headroom, and still ends a hung job within 15 minutes instead of at its time limit.
+    timeout_s: float = doc(900.0, "seconds a collective may wait for the other ranks while "
+                           "training; a hung rank fails the job after this")
+    # Set-up is slower and more uneven than a step: imports from a shared file system on many
+    # nodes, ZeRO-3 partitioning while a large model is built, loading (and converting) a
+    # checkpoint (a universal one converted for a new world size). 1800 s is 3x the 10 minutes
+    # torch and DeepSpeed give any collective by default, and bounds a start-up that hangs.
+    setup_timeout_s: float = doc(1800.0, "seconds the rendezvous and every collective may wait "
+                                 "until the trainer is built and resumed (then timeout_s applies)")
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("timeout_s", "setup_timeout_s"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                out.append(f"distributed.{name}: {value} must be a positive number of seconds")
+        return out
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = doc(text="", factory=RunConfig)
     model: ModelConfig = doc(text="", factory=ModelConfig)
@@ -382,6 +480,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = doc(text="", factory=CheckpointConfig)
     logging: LoggingConfig = doc(text="", factory=LoggingConfig)
     guard: GuardConfig = doc(text="", factory=GuardConfig)
+    distributed: DistributedConfig = doc(text="", factory=DistributedConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -523,8 +622,10 @@ def _known_paths(cls: type, prefix: str = "") -> set[str]:
 
 
 def load_config(path: Optional[str | os.PathLike], overrides: list[str] = (),
-                world_size: int = 1) -> TrainConfig:
-    """Defaults < recipe YAML < dotted overrides; raises ConfigError listing every problem."""
+                world_size: Optional[int] = None) -> TrainConfig:
+    """Defaults < recipe YAML < dotted overrides; raises ConfigError listing every problem.
+    `world_size`: the ranks a training run starts with (its batch must split over them); None for
+    commands that do not train (tokenizer, config check, export, evaluate)."""
     problems: list[str] = []
     raw: dict = {}
     if path is not None:
@@ -559,7 +660,7 @@ def load_config(path: Optional[str | os.PathLike], overrides: list[str] = (),
     return cfg
 
 
-def validate(cfg: TrainConfig, world_size: int, skip: set[str] = frozenset()) -> list[str]:
+def validate(cfg: TrainConfig, world_size: Optional[int], skip: set[str] = frozenset()) -> list[str]:
     """Range and cross-field checks of every section whose types are right (not in `skip`)."""
     problems = []
     for f in dataclasses.fields(cfg):
@@ -568,19 +669,33 @@ def validate(cfg: TrainConfig, world_size: int, skip: set[str] = frozenset()) ->
         section = getattr(cfg, f.name)
         found = section.problems(world_size) if f.name == "batch" else section.problems()
         problems += [p if p.startswith(f"{f.name}") else f"{f.name}: {p}" for p in found]
-    if world_size < 1:
+    if world_size is not None and world_size < 1:
         problems.append(f"world size {world_size} must be >= 1")
     cross = {"model", "data", "curriculum", "eval"}
     if not (cross & skip) and not any(p.startswith(tuple(cross)) for p in problems):
         problems += _model_problems(cfg)
     if "data" not in skip and not any(p.startswith("data") for p in problems):
         problems += _data_file_problems(cfg)
+    if not ({"data", "eval"} & skip):
+        problems += _eval_data_problems(cfg)
     return problems
 
 
+def _eval_data_problems(cfg: TrainConfig) -> list[str]:
+    """Held-out batches of a text run need held-out documents; without this check every rank
+    fails when it builds its eval pipeline, after the model is built."""
+    data, batches = cfg.data, cfg.eval.batches
+    if data.source != "text" or batches <= 0 or data.eval_sources or data.eval_fraction > 0:
+        return []
+    return [f"eval.batches: {batches} held-out batches, but data.source text has no eval data "
+            f"(data.eval_sources is empty and data.eval_fraction is {data.eval_fraction}); set "
+            f"data.eval_sources, data.eval_fraction > 0 (e.g. 0.01), or eval.batches=0"]
+
+
 def _data_file_problems(cfg: TrainConfig) -> list[str]:
-    """Open the local files the data section names (tokenizer folder, first record of every
-    source) so a bad file fails here, not after the model is built on every rank."""
+    """Open the local files the data section names (tokenizer folder or cached hub tokenizer,
+    first record of every source) so a bad file fails here, not after the model is built on
+    every rank."""
     from training.data.errors import DataSourceError
     from training.data.sources import check_text_field
 
@@ -594,12 +709,22 @@ def _data_file_problems(cfg: TrainConfig) -> list[str]:
             except DataSourceError as e:
                 problems.append(str(e))
     tok_dir = Path(data.tokenizer)
-    if tok_dir.is_dir() and any(tok_dir.iterdir()):  # hub names are checked when loaded
+    if not tok_dir.exists() and not _is_hub_name(data.tokenizer):
+        return problems + [f"data.tokenizer: {data.tokenizer!r} is no such directory and not a "
+                           f"Hugging Face hub name (name or owner/name); train one with python -m "
+                           f"training.tokenizer --out {data.tokenizer} or give a hub name such as "
+                           f"gpt2"]
+    local_dir = tok_dir.is_dir() and any(tok_dir.iterdir())  # empty: about to be written
+    # A hub name is checked here only when it is in the local Hugging Face cache (validation never
+    # goes to the network); one that is not is checked when the ranks download it.
+    if local_dir or _in_hub_cache(data.tokenizer):
         from training.data import build_tokenizer
 
         try:
-            tokenizer = build_tokenizer(data)
+            tokenizer = build_tokenizer(data, local_files_only=not local_dir)
         except ValueError as e:
+            if not local_dir and e.__cause__ is not None:
+                return problems  # cached only in part: the ranks download the rest
             return problems + [str(e)]
         try:
             vocab = cfg.model.resolved_backbone().get("vocab_size")
@@ -610,6 +735,27 @@ def _data_file_problems(cfg: TrainConfig) -> list[str]:
                             f"{data.tokenizer!r} ({len(tokenizer)} tokens); set it >= "
                             f"{len(tokenizer)}")
     return problems
+
+
+def _is_hub_name(name: str) -> bool:
+    """A valid hub repository id (gpt2, owner/name); absolute, ./ or ~ paths are not."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except ValueError:  # huggingface_hub's HFValidationError
+        return False
+    return True
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether `name` is a hub repository id whose tokenizer files are in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not _is_hub_name(name):
+        return False
+    return any(isinstance(try_to_load_from_cache(name, f), str)
+               for f in ("tokenizer_config.json", "tokenizer.json"))
 
 
 def _model_problems(cfg: TrainConfig) -> list[str]:
@@ -704,6 +850,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run-config tools.")
     parser.add_argument("--reference", action="store_true", help="print the config reference")
     parser.add_argument("--check", metavar="YAML", help="validate a recipe and print it resolved")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --check: also check that the batch splits over N ranks and "
+                        "print how")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides for --check")
     args = parser.parse_args(argv)
     if args.reference:
@@ -711,11 +860,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.check:
         try:
-            cfg = load_config(args.check, args.overrides)
+            cfg = load_config(args.check, args.overrides, world_size=args.world_size)
         except ConfigError as e:
             print(e.report(), file=sys.stderr)
             return 2
         sys.stdout.write(cfg.to_yaml())
+        if args.world_size is not None:
+            print(f"# batch on {args.world_size} rank(s): {cfg.batch.describe(args.world_size)}")
         return 0
     parser.print_help()
     return 2

@@ -2,15 +2,34 @@
 
 Launchers and how each is recognised (first match wins):
 
-  torchrun / deepspeed   RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT all set
-  MPI                    mpirun (OMPI_COMM_WORLD_SIZE) or a PMIx launch such as
-                         `srun --mpi=pmix` (PMIX_RANK): DeepSpeed's mpi4py discovery
-  Slurm                  inside an srun step (SLURM_STEP_ID and SLURM_PROCID): SLURM_* variables,
-                         MASTER_ADDR = first host of the step, MASTER_PORT derived from the job id
-  single                 none of the above: one process, world size 1
+  deepspeed     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT all set, and DeepSpeed's
+                launch.py's own CROSS_RANK, CROSS_SIZE, LOCAL_SIZE (the ranks per node) with
+                none of torchrun's TORCHELASTIC_* variables
+  torchrun      RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT all set (torchrun, or any
+                launcher that speaks torch's env:// convention)
+  MPI           mpirun (OMPI_COMM_WORLD_SIZE), even inside an srun step or a Slurm allocation:
+                DeepSpeed's mpi4py discovery
+  Slurm         inside an srun step (SLURM_STEP_ID and SLURM_PROCID): SLURM_* variables,
+                MASTER_ADDR = first host of the step, MASTER_PORT derived from the job id. Also
+                when srun's MPI plugin is PMIx (`srun --mpi=pmix`, or MpiDefault=pmix in
+                slurm.conf, which gives every srun task PMIX_RANK): within a step Slurm's
+                variables name the same rank and world as PMIx, and `deepspeed --launcher slurm`
+                is exactly such an srun without RANK variables
+  MPI           a PMIx launch outside an srun step (PMIX_RANK), e.g. prterun
+  single        none of the above: one process, world size 1
 
-MPI wins over Slurm because `mpirun` inside an allocation inherits the batch step's SLURM_PROCID
+mpirun wins over Slurm because `mpirun` inside an allocation inherits the batch step's SLURM_PROCID
 (0 on every rank). An explicit MASTER_ADDR / MASTER_PORT in the environment is always respected.
+
+Devices (SPEC 2.6, training/devices.py): a rank uses GPU `local_rank % device_count` of the GPUs it
+sees, so a task that sees one GPU (Slurm --gpus-per-task=1, --gpu-bind) uses device 0 whatever its
+local rank. DeepSpeed reads LOCAL_RANK as that device ordinal (init_process_group's device_id,
+zero.Init, the engine), so LOCAL_RANK is set to it; DistInfo.local_rank keeps the rank's place on
+its node and DistInfo.device the ordinal.
+
+Collective timeouts: `init_distributed(timeout_s=...)` bounds every collective after the
+rendezvous; a caller with a long set-up (pretrain: engine build, ZeRO-3 partitioning, resume) passes
+its set-up timeout there and calls set_collective_timeout() with the training one afterwards.
 """
 from __future__ import annotations
 
@@ -23,13 +42,17 @@ from datetime import timedelta
 
 import torch
 
-# A dead or stuck rank must make the others fail well within two minutes (issue 5).
-DEFAULT_TIMEOUT_S = 100.0
-# Start-up skew (imports from a shared file system on many nodes) is not a failure.
-DEFAULT_RENDEZVOUS_TIMEOUT_S = 900.0
+from training.config import DistributedConfig
+from training.devices import DeviceError, device_index
+
+# The recipe's `distributed` section owns the values and why they are what they are (config.py).
+DEFAULT_TIMEOUT_S = DistributedConfig.timeout_s
+DEFAULT_RENDEZVOUS_TIMEOUT_S = DistributedConfig.setup_timeout_s
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+# Set by DeepSpeed's launcher (deepspeed/launcher/launch.py) for every rank it starts, and by no
+# other launcher; torchrun marks its workers with TORCHELASTIC_RUN_ID.
+DEEPSPEED_LAUNCH_VARS = ("CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE")
 
 
 class DistributedSetupError(RuntimeError):
@@ -43,21 +66,31 @@ class DistInfo:
     local_rank: int
     local_world_size: int
     backend: str
-    launcher: str = "single"  # torchrun | mpi | slurm | single
+    launcher: str = "single"  # deepspeed | torchrun | mpi | slurm | single
+    device: int | None = None  # accelerator ordinal among the visible devices; None on CPU
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+def in_srun_step(env) -> bool:
+    return "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
+
+
 def detect_launcher(env=None) -> str:
+    """deepspeed | torchrun | mpi | slurm | single: the rules in this module's docstring."""
     env = os.environ if env is None else env
     if all(v in env for v in TORCHRUN_VARS):
-        return "torchrun"
-    if any(v in env for v in MPI_MARKERS):
+        deepspeed_launch = (all(v in env for v in DEEPSPEED_LAUNCH_VARS)
+                            and "TORCHELASTIC_RUN_ID" not in env)
+        return "deepspeed" if deepspeed_launch else "torchrun"
+    if "OMPI_COMM_WORLD_SIZE" in env:  # mpirun, wherever it runs
         return "mpi"
-    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+    if in_srun_step(env):  # with or without srun's PMIx plugin (PMIX_RANK)
         return "slurm"
+    if "PMIX_RANK" in env:
+        return "mpi"
     return "single"
 
 
@@ -192,10 +225,12 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S,
                      rendezvous_timeout_s: float = DEFAULT_RENDEZVOUS_TIMEOUT_S,
                      backend: str | None = None,
                      set_threads: bool = True) -> DistInfo:
-    """Discover rank and world, initialise DeepSpeed's process group, pin the device.
+    """Discover rank and world, pin the device, initialise DeepSpeed's process group.
 
-    `timeout_s` bounds every collective after start-up (a dead rank makes the others fail);
-    `rendezvous_timeout_s` bounds only the initial meeting of all ranks.
+    `rendezvous_timeout_s` bounds the initial meeting of all ranks; `timeout_s` bounds every
+    collective after it (a dead or stuck rank makes the others fail) until set_collective_timeout()
+    changes it: pretrain passes its set-up timeout here and switches to the training one once the
+    trainer is built and resumed.
     """
     if timeout_s <= 0 or rendezvous_timeout_s <= 0:
         raise DistributedSetupError(
@@ -204,47 +239,73 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S,
     from deepspeed.accelerator import get_accelerator
 
     launcher = detect_launcher()
-    port = 29500  # only DeepSpeed's MPI discovery reads it; the other paths set MASTER_PORT
     if launcher == "slurm":
         os.environ.update(_slurm_env(os.environ))
     elif launcher == "single":
         os.environ.update(_single_env(os.environ))
     elif launcher == "mpi":
-        port, local_size = _mpi_port_and_local_size()
-        os.environ["LOCAL_WORLD_SIZE"] = str(local_size)
+        _mpi_env()
+    elif launcher == "deepspeed" and "LOCAL_WORLD_SIZE" not in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]  # launch.py's name for it
     backend = backend or default_backend()
+    local_rank = _int_var(os.environ, "LOCAL_RANK")
 
-    # Pin before the process group exists so NCCL binds its communicator to this rank's GPU.
     accel = get_accelerator()
-    local_rank_env = os.environ.get("LOCAL_RANK") or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK")
-    if accel.device_name() != "cpu" and local_rank_env is not None:
-        accel.set_device(int(local_rank_env))
+    device = None
+    if accel.device_name() != "cpu":
+        try:
+            device = device_index(local_rank, accel.device_count())
+        except DeviceError as e:
+            raise DistributedSetupError(str(e)) from None
+        if device != local_rank:
+            # DeepSpeed takes LOCAL_RANK as the device ordinal (init_process_group's device_id,
+            # zero.Init, the engine); its engine also insists that OMPI_COMM_WORLD_LOCAL_RANK agrees.
+            os.environ["LOCAL_RANK"] = str(device)
+            if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+                os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(device)
+        # Pin before the process group exists so NCCL binds its communicator to this rank's GPU.
+        accel.set_device(device)
 
     deepspeed.init_distributed(dist_backend=backend,
-                               auto_mpi_discovery=(launcher == "mpi"),
-                               distributed_port=port,
+                               auto_mpi_discovery=False,  # done above for MPI launches
                                timeout=timedelta(seconds=rendezvous_timeout_s),
                                verbose=False)
-    if accel.device_name() != "cpu":
-        accel.set_device(int(os.environ["LOCAL_RANK"]))
-    _set_collective_timeout(timedelta(seconds=timeout_s))
+    if device is not None:
+        accel.set_device(device)
+    set_collective_timeout(timeout_s)
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
     _check_against_slurm(launcher, world)
-    info = DistInfo(rank=rank, world_size=world, local_rank=int(os.environ["LOCAL_RANK"]),
-                    local_world_size=local_world, backend=backend, launcher=launcher)
+    info = DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
+                    backend=backend, launcher=launcher, device=device)
     if set_threads and accel.device_name() == "cpu":
         torch.set_num_threads(threads_per_rank(local_world))
     return info
 
 
-def _set_collective_timeout(timeout: timedelta) -> None:
+def _mpi_env() -> None:
+    """torch's env:// variables through DeepSpeed's mpi4py discovery, before the process group
+    exists (the device ordinal must be settled first), keeping a MASTER_ADDR the user set."""
+    from deepspeed.comm.comm import mpi_discovery
+
+    port, local_size = _mpi_port_and_local_size()
+    user_addr = os.environ.get("MASTER_ADDR")
+    mpi_discovery(distributed_port=port, verbose=False)
+    if user_addr:
+        os.environ["MASTER_ADDR"] = user_addr
+    os.environ["LOCAL_WORLD_SIZE"] = str(local_size)
+
+
+def set_collective_timeout(timeout_s: float) -> None:
+    """Bound every later collective of the default process group to `timeout_s` seconds."""
+    if not timeout_s > 0:
+        raise DistributedSetupError(f"collective timeout must be positive seconds, got {timeout_s}")
     setter = getattr(torch.distributed.distributed_c10d, "_set_pg_timeout", None)
     if setter is None:
         raise DistributedSetupError(
             f"torch {torch.__version__} has no distributed_c10d._set_pg_timeout; cannot bound collective time")
-    setter(timeout)
+    setter(timedelta(seconds=timeout_s))
 
 
 def _check_against_slurm(launcher: str, world: int) -> None:

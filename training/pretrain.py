@@ -52,7 +52,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         f"(default {DEFAULT_RECIPE})")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="config overrides, e.g. optim.lr=3e-4 run.max_steps=100")
-    return parser.parse_args(argv)
+    # DeepSpeed's launcher (and torch.distributed.launch) append it to every rank's arguments.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by launchers; LOCAL_RANK in the environment wins when both are set")
+    args = parser.parse_args(argv)
+    if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    return args
 
 
 def where(cfg: TrainConfig) -> str:
@@ -91,7 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     from training.distributed import DistributedSetupError, destroy, init_distributed
 
     try:
-        dist = init_distributed()
+        # Set-up (rendezvous, engine build, ZeRO-3 partitioning, resume) runs under the longer
+        # timeout; _run switches to distributed.timeout_s once the trainer is ready.
+        dist = init_distributed(timeout_s=cfg.distributed.setup_timeout_s,
+                                rendezvous_timeout_s=cfg.distributed.setup_timeout_s)
     except DistributedSetupError as e:
         return fail(f"launch environment: {e}", rank_hint)
     problems = cfg.batch.problems(dist.world_size) + precision_problems(cfg)
@@ -137,8 +146,8 @@ def precision_problems(cfg: TrainConfig) -> list[str]:
 def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
     """Train; returns (exit status, outcome: 'done' | 'preempted' | 'failed')."""
     from training.checkpoint import CheckpointError
-    from training.data.errors import DataStateError
-    from training.distributed import barrier
+    from training.data.errors import DataSourceError, DataStateError
+    from training.distributed import barrier, set_collective_timeout
     from training.monitor import Monitor, setup_logging
     from training.trainer import EXIT_NONFINITE, NonFiniteAbort, Trainer
 
@@ -148,18 +157,25 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     barrier()
     setup_logging(run_dir / "train.log" if dist.rank == 0 else None, dist.rank)
-    log.info("run %s on %d rank(s) (%s), ZeRO-%d, %s\n%s", cfg.run.name, dist.world_size,
-             dist.launcher, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, where(cfg))
+    log.info("run %s on %d rank(s) (%s), ZeRO-%d, %s, batch %s\n%s", cfg.run.name,
+             dist.world_size, dist.launcher, cfg.deepspeed.zero_stage, cfg.deepspeed.precision,
+             cfg.batch.describe(dist.world_size), where(cfg))
 
     trainer = Trainer(cfg, dist)
     monitor = None
     try:
-        trainer.setup()
+        try:
+            # What the config gate cannot see offline (a hub tokenizer or dataset that is not in
+            # the local cache and turns out missing) fails here, on every rank alike: bad input.
+            trainer.setup()
+        except DataSourceError as e:
+            return fail(f"cannot start: {e}", dist.rank), "failed"
         try:
             if resume_from is not None:
                 trainer.resume(resume_from)
         except (CheckpointError, DataStateError) as e:
             return fail(f"cannot resume: {e}", dist.rank), "failed"
+        set_collective_timeout(cfg.distributed.timeout_s)  # set-up is over: training's bound
         monitor = Monitor(run_dir, enabled=dist.rank == 0, tensorboard=cfg.logging.tensorboard,
                           progress_bar=cfg.logging.progress_bar, start_step=trainer.step,
                           max_steps=cfg.run.max_steps)

@@ -11,7 +11,9 @@ at DIR to train with it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from typing import Iterator, Optional
 
@@ -48,8 +50,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from training.data.tokenization import train_bpe_tokenizer
 
     try:
-        # The recipe is validated as it will be used: with the tokenizer about to be written.
-        data = load_config(args.config, [f"data.tokenizer={args.out}", *args.overrides]).data
+        # The recipe is validated as it will be used: with the tokenizer about to be written (an
+        # empty stand-in folder while --out does not exist yet, since a missing one is refused),
+        # and without held-out eval batches (whether a training run has eval data is not ours).
+        with tempfile.TemporaryDirectory() as stand_in:
+            out = args.out if os.path.exists(args.out) else stand_in
+            data = load_config(args.config, [f"data.tokenizer={out}", "eval.batches=0",
+                                             *args.overrides]).data
     except ConfigError as e:
         print(e.report(), file=sys.stderr)
         return 2

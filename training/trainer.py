@@ -150,6 +150,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist
         self.run_dir = cfg.run_dir
+        # The sizes this world uses: the recipe's global batch, accumulation derived (config.py).
+        self.batch = cfg.batch.for_world(dist.world_size)
         self.device = None
         self.stop_requested = False
         self.step = 0
@@ -170,8 +172,8 @@ class Trainer:
         from training.data import SegmentCurriculum, build_pipeline, build_tokenizer
 
         cfg, dist = self.cfg, self.dist
-        self.device = torch.device(get_accelerator().device_name(dist.local_rank))
-        self.ds_config = cfg.deepspeed.engine_config(cfg.batch, cfg.optim, dist.world_size)
+        self.device = torch.device(get_accelerator().device_name(dist.device))
+        self.ds_config = cfg.deepspeed.engine_config(self.batch, cfg.optim, dist.world_size)
         self.tokenizer = build_tokenizer(cfg.data)
         if dist.rank == 0:
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
@@ -190,7 +192,7 @@ class Trainer:
                                                     config=self.ds_config)
         self.curriculum = SegmentCurriculum(cfg.curriculum)
         pipe_args = dict(segment_size=cfg.model.segment_size,
-                         micro_batch_size=cfg.batch.micro_batch_size,
+                         micro_batch_size=self.batch.micro_batch_size,
                          rank=dist.rank, world_size=dist.world_size, seed=cfg.run.seed)
         self.pipe = build_pipeline(cfg.data, self.tokenizer, split="train", **pipe_args)
         self.eval_pipe = (build_pipeline(cfg.data, self.tokenizer, split="eval", **pipe_args)
@@ -252,7 +254,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, world = self.cfg, self.dist.world_size
-        accum = cfg.batch.grad_accum_steps
+        accum = self.batch.grad_accum_steps
         start = time.perf_counter()
         n_segments = self.curriculum.num_segments(self.step)
         batches = [self.pipe.next_batch(n_segments) for _ in range(accum)]
@@ -314,7 +316,7 @@ class Trainer:
         self.optimizer.skip_next_step = False
         self.step += 1
 
-        global_samples = cfg.batch.micro_batch_size * accum * world
+        global_samples = self.batch.global_batch_size
         positions = global_samples * n_segments * cfg.model.segment_size
         self.samples_seen += global_samples
         self.tokens_seen += positions

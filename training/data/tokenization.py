@@ -6,12 +6,14 @@ import os
 from typing import Iterable
 
 from training.data.config import BUILTIN, DataConfig
+from training.data.errors import DataSourceError
 
 BPE_SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 
 
-def build_tokenizer(cfg: DataConfig):
-    """The run's tokenizer with eos, bos and pad set (bos/pad fall back to eos when absent)."""
+def build_tokenizer(cfg: DataConfig, local_files_only: bool = False):
+    """The run's tokenizer with eos, bos and pad set (bos/pad fall back to eos when absent).
+    `local_files_only`: a hub name is read from the local Hugging Face cache, never the network."""
     if cfg.tokenizer == BUILTIN:
         from training.data.memory_tasks import build_tokenizer as builtin
 
@@ -19,12 +21,12 @@ def build_tokenizer(cfg: DataConfig):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
-        raise ValueError(f"data.tokenizer: cannot load {cfg.tokenizer!r} ({e}); give a tokenizer "
+        raise DataSourceError(f"data.tokenizer: cannot load {cfg.tokenizer!r} ({e}); give a tokenizer "
                          f"folder (python -m training.tokenizer --out DIR) or a hub name") from e
     if tok.eos_token_id is None:
-        raise ValueError(f"data.tokenizer: {cfg.tokenizer!r} has no EOS token, which packing "
+        raise DataSourceError(f"data.tokenizer: {cfg.tokenizer!r} has no EOS token, which packing "
                          f"needs between documents; use a tokenizer that defines eos_token")
     # Documents are joined with EOS; a tokenizer without BOS/PAD reuses it (GPT-2 does the same).
     if tok.bos_token_id is None:
