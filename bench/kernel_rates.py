@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step import best_time, matmul_rate  # noqa: E402  (bench/step.py: the same reference rate as its MFU)
+from model.conventions import positions_per_segment  # noqa: E402  (step.py put the repository on sys.path)
 
 CPU = torch.device("cpu")
 
@@ -63,7 +64,7 @@ def main(argv=None):
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
     d, i, v, t = args.hidden, args.intermediate, args.vocab, args.segment
-    n = t + 2 * args.mem
+    n = positions_per_segment(t, args.mem)
     reference = matmul_rate(CPU, torch.float32, args.threads, seconds=2 * args.seconds)  # sets the threads
     print(f"threads {args.threads}; 2048^2 GEMM {reference / 1e9:.1f} GFLOP/s")
     shapes = [

@@ -56,6 +56,7 @@ def measure(args) -> dict:
 
     sys.path.insert(0, str(REPO_ROOT))
     from model import RMTConfig, RMTForCausalLM
+    from model.conventions import positions_per_segment
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -64,7 +65,8 @@ def measure(args) -> dict:
         backbone=dict(
             model_type="llama", hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
             num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
-            vocab_size=args.vocab_size, max_position_embeddings=args.segment_size + 2 * args.num_mem_tokens,
+            vocab_size=args.vocab_size,
+            max_position_embeddings=positions_per_segment(args.segment_size, args.num_mem_tokens),
         ),
         num_mem_tokens=args.num_mem_tokens,
         segment_size=args.segment_size,

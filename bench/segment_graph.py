@@ -61,13 +61,14 @@ def measure(hidden: int, segments: int, layers: int, segment_size: int, mem: int
     sys.path.insert(0, REPO_ROOT)
     from model import RMTConfig, RMTForCausalLM
     from model.checkpoint_budget import SavedBytesCounter
+    from model.conventions import positions_per_segment
     from model.segments import shifted_targets
 
     torch.set_num_threads(1)
     config = RMTConfig(
         backbone=dict(model_type="llama", vocab_size=64, hidden_size=hidden, intermediate_size=4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=segment_size + 2 * mem),
+                      max_position_embeddings=positions_per_segment(segment_size, mem)),
         num_mem_tokens=mem, segment_size=segment_size)
     if zero3:
         model = zero3_engine(config, recompute)

@@ -18,8 +18,8 @@ timing. Ratios are tokens/s against variant (c) at the same length, measured in 
 With --interleave, all variants of a length share one process instead and their timed steps
 alternate (run_interleaved): the mode for speed ratios; memory is measured per process.
 
-Model FLOPs of one step (fwd + bwd = 3x fwd; recompute of checkpointing NOT counted), per
-backbone call over n positions of which s produce logits:
+Model FLOPs of one step (fwd + bwd = 3x fwd; recompute of checkpointing NOT counted; model/flops.py),
+per backbone call over n positions of which s produce logits:
     dense      6 * n * layers * (2*d*(d + d_kv) + 3*d*I)      q,o: d*d; k,v: d*d_kv; SwiGLU: 3*d*I
     attention  6 * layers * n * n * d / 2 ... counted as 6 * layers * d * n*(n+1)/2 (causal: QK^T and AV)
     lm head    6 * s * d * V
@@ -55,6 +55,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import RMTConfig, RMTForCausalLM  # noqa: E402
+from model.conventions import positions_per_segment  # noqa: E402
+from model.flops import backbone_training_flops  # noqa: E402
 import allocator  # noqa: E402  (bench/allocator.py, beside this file)
 
 
@@ -92,7 +94,7 @@ def build_config(profile: Profile, length: int, **rmt_settings) -> RMTConfig:
         model_type="llama", hidden_size=profile.hidden_size, num_hidden_layers=profile.layers,
         num_attention_heads=profile.heads, num_key_value_heads=profile.heads,
         intermediate_size=profile.intermediate_size, vocab_size=profile.vocab_size,
-        max_position_embeddings=max(length, profile.segment_size + 2 * profile.num_mem_tokens),
+        max_position_embeddings=max(length, positions_per_segment(profile.segment_size, profile.num_mem_tokens)),
         tie_word_embeddings=False,
     )
     return RMTConfig(
@@ -102,18 +104,10 @@ def build_config(profile: Profile, length: int, **rmt_settings) -> RMTConfig:
 
 def step_flops(profile: Profile, variant: str, length: int) -> float:
     """Model FLOPs of one training step (formula in the module docstring)."""
-    d, layers, v = profile.hidden_size, profile.layers, profile.vocab_size
-    per_position = 6 * layers * (2 * d * (d + d) + 3 * d * profile.intermediate_size)
-
-    def call(n, s):
-        return per_position * n + 6 * layers * d * n * (n + 1) / 2 + 6 * s * d * v
-
-    seg = profile.segment_size
-    lengths = [min(seg, length - start) for start in range(0, length, seg)]
+    config = build_config(profile, length)
     if variant == "d":
-        return call(length, length)
-    extra = 0 if variant == "c" else 2 * profile.num_mem_tokens
-    return sum(call(t + extra, t) for t in lengths)
+        return backbone_training_flops(config.backbone_config, length, length)
+    return config.training_flops(length, num_mem_tokens=0 if variant == "c" else None)
 
 
 # ----- one point, in its own process ------------------------------------------------------

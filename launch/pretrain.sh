@@ -119,13 +119,13 @@ preflight() {  # world_size args...
     local world=$1; shift
     WORLD_SIZE=$world "$PYTHON" - "$@" <<'EOF'
 import sys
+from deepspeed.accelerator import get_accelerator
 from training.config import ConfigError, load_config
-from training.pretrain import launch_world_size, parse_args, precision_problems, where
+from training.pretrain import launch_world_size, parse_args, where
 args = parse_args(sys.argv[1:])
 try:
-    cfg = load_config(args.config, args.overrides, world_size=launch_world_size())
-    if precision_problems(cfg):
-        raise ConfigError(precision_problems(cfg))
+    cfg = load_config(args.config, args.overrides, world_size=launch_world_size(),
+                      accelerator=get_accelerator())
 except ConfigError as e:
     print(e.report(), file=sys.stderr)
     sys.exit(2)

@@ -4,6 +4,9 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .conventions import positions_per_segment
+from .flops import training_flops
+
 # Config attributes that cap absolute positions (GPT-2 calls it n_positions; most others
 # max_position_embeddings). RoPE models also declare a maximum: respect it as well.
 _POSITION_LIMIT_ATTRS = ("n_positions", "max_position_embeddings")
@@ -32,8 +35,8 @@ class RMTConfig(PretrainedConfig):
     fused_segment_loss: True (default) or False. True: in training, each segment's LM-head loss
         computes its gradients in forward (a checkpointed segment: in its recompute), chunk by
         chunk, and keeps only those for backward; the un-checkpointed segments of a step add their
-        LM-head gradient into one step-wide sum (see segments.FusedLinearCrossEntropy and
-        segments.HeadGradient; ZeRO-3-partitioned or non-Linear heads fall back).
+        LM-head gradient into one step-wide sum (see segment_loss.FusedLinearCrossEntropy and
+        segment_loss.HeadGradient; ZeRO-3-partitioned or non-Linear heads fall back).
         False: F.cross_entropy on each chunk's logits, recomputed in backward when chunked.
     memory_noise: 0.0 (default: off) or sigma > 0. In training mode only, the memory handed from one
         segment to the next gets Gaussian noise of sigma times its own RMS (per slot, not
@@ -92,6 +95,16 @@ class RMTConfig(PretrainedConfig):
     def vocab_size(self) -> int:
         return self.backbone_config.get_text_config().vocab_size
 
+    @property
+    def positions_per_segment(self) -> int:
+        """Backbone positions of one full segment step: segment_size + 2 * num_mem_tokens."""
+        return positions_per_segment(self.segment_size, self.num_mem_tokens)
+
+    def training_flops(self, length: int, num_mem_tokens: int | None = None) -> float:
+        """Model FLOPs of training on one sequence of `length` tokens (forward + backward, no
+        recompute; the formula is in model/flops.py); num_mem_tokens=0: without memory."""
+        return training_flops(self, length, num_mem_tokens)
+
     def validate_rmt(self) -> None:
         """Raise ValueError naming the field and its valid range for any invalid setting."""
         _require_int("num_mem_tokens", self.num_mem_tokens, minimum=1)
@@ -126,7 +139,7 @@ class RMTConfig(PretrainedConfig):
                 "or an integer >= 1 (detach memory after every k-th segment)"
             )
         backbone_config = _validate_backbone(self.backbone)
-        positions = self.segment_size + 2 * self.num_mem_tokens
+        positions = self.positions_per_segment
         for attr in _POSITION_LIMIT_ATTRS:
             limit = getattr(backbone_config, attr, None)
             if isinstance(limit, int) and positions > limit:

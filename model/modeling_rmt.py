@@ -36,11 +36,12 @@ from transformers.utils import ModelOutput
 from torch.utils.checkpoint import checkpoint
 
 from .checkpoint_budget import CheckpointBudget
-
 from .configuration_rmt import RMT_SETTINGS, RMTConfig
 from .generation_rmt import RMTDecodingState, decode_tokens
-from .segment_recompute import PartitionedParameters, RecomputedSegment, recompute_rng_setting
-from .segments import HeadGradient, lm_loss_sum, segment_layout, shifted_targets
+from .segment_loss import HeadGradient, lm_loss_sum
+from .segment_recompute import RecomputedSegment, recompute_rng_setting
+from .segments import loss_targets, segment_layout
+from .zero_params import PartitionedParameters
 
 
 @dataclass
@@ -145,7 +146,7 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         """One segment: (memory_in [B,M,D], tokens, targets [B,T] or None, mask [B,T] or None)
         -> (loss_sum, num_tokens, memory_out [B,M,D], logits [B,T-logits_from,V] or None).
 
-        fuse_loss: the loss computes its gradients in forward (segments.FusedLinearCrossEntropy),
+        fuse_loss: the loss computes its gradients in forward (segment_loss.FusedLinearCrossEntropy),
         when config.fused_segment_loss allows it. Not in the forward of a checkpointed segment:
         its backward recomputes it (where the fused loss does run), so those products would be
         paid twice. head_grad, position: the step's HeadGradient and this segment's index in it."""
@@ -211,9 +212,7 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"forward: expected a non-empty [B, L] batch, got shape {tuple(tokens.shape)}")
         batch, length = tokens.shape[0], tokens.shape[1]
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, L) = {(batch, length)}"
-            )
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, L) = {(batch, length)}")
         if memory is not None and tuple(memory.shape) != (batch, self.config.num_mem_tokens, self.config.hidden_size):
             raise ValueError(
                 f"memory has shape {tuple(memory.shape)}; expected (B, num_mem_tokens, hidden_size) = "
@@ -299,7 +298,8 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         num_segments = math.ceil(length / seg_size)
         if attention_mask is not None and bool(attention_mask.bool().all()):
             attention_mask = None  # all real: the backbone's plain causal path is faster and identical
-        targets = shifted_targets(labels, attention_mask) if labels is not None else None
+        loss_from = self.config.loss_from_segment  # earlier segments have no targets: their loss is skipped
+        targets = loss_targets(labels, attention_mask, seg_size, loss_from) if labels is not None else None
         first_kept = length - logits_to_keep if logits_to_keep else 0
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         budgeted = self.config.checkpoint_memory_budget_mb is not None and torch.is_grad_enabled()
@@ -314,9 +314,7 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             if k > 0 and t > 0 and t % k == 0:
                 memory = memory.detach()  # truncated BPTT: no gradient flows into earlier segments
             start, end = t * seg_size, min(length, (t + 1) * seg_size)
-            seg_targets = None
-            if targets is not None and t >= self.config.loss_from_segment:
-                seg_targets = targets[:, start:end]
+            seg_targets = targets[:, start:end] if targets is not None and t >= loss_from else None
             logits_from = max(first_kept - start, 0) if return_logits and end > first_kept else None
             args = (
                 memory,

@@ -235,3 +235,24 @@ def test_impossible_batch_split_names_values_that_work(given, fragment):
     with pytest.raises(ConfigError) as e:
         BatchConfig(micro, accum, total).for_world(world)
     assert fragment in str(e.value)
+
+
+def test_every_model_setting_is_settable_from_a_recipe():
+    """ModelConfig hands RMTConfig every setting the model names (RMT_SETTINGS), with its default."""
+    import dataclasses
+    import inspect
+
+    from model import RMTConfig
+    from model.configuration_rmt import RMT_SETTINGS
+    from training.config import ModelConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(RMT_SETTINGS) <= set(fields), set(RMT_SETTINGS) - set(fields)
+    kwargs = ModelConfig().rmt_kwargs()
+    assert set(kwargs) == {"backbone", *RMT_SETTINGS}
+    model_defaults = inspect.signature(RMTConfig.__init__).parameters
+    # The recipe's tiny defaults differ on purpose for the sizes; the behaviour switches agree.
+    for name in ("bptt_depth", "loss_from_segment", "loss_chunk_size", "fused_segment_loss",
+                 "memory_noise", "memory_noise_prob", "checkpoint_memory_budget_mb"):
+        assert kwargs[name] == model_defaults[name].default, name
+    assert ModelConfig(fused_segment_loss=False).rmt_kwargs()["fused_segment_loss"] is False

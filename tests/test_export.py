@@ -27,6 +27,7 @@ ENGINE_REFERENCE = textwrap.dedent("""
     from pathlib import Path
     import torch
     from safetensors.torch import load_file, save_file
+    from training.run_dir import CHECKPOINTS_DIR, resolve_resume
     from training.config import load_config
     from training.distributed import init_distributed
     from training.trainer import Trainer
@@ -34,9 +35,11 @@ ENGINE_REFERENCE = textwrap.dedent("""
     run, probe_path, out_path = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist = init_distributed()
     where = [f"run.runs_dir={run.parent}", f"run.name={run.name}"]  # wherever the run folder is now
-    trainer = Trainer(load_config(run / "config.yaml", where, world_size=dist.world_size), dist)
+    cfg = load_config(run / "config.yaml", where, world_size=dist.world_size)
+    trainer = Trainer(cfg, dist)
     trainer.setup()
-    resumed = trainer.resume()
+    # The one resolution of checkpoint.resume, as training.pretrain does it.
+    resumed = trainer.resume(resolve_resume(cfg.run_dir / CHECKPOINTS_DIR, cfg.checkpoint.resume))
     trainer.engine.eval()
     with torch.no_grad():
         logits = trainer.engine(input_ids=load_file(probe_path)["input_ids"]).logits

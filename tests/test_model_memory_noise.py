@@ -154,7 +154,7 @@ def test_training_config_reaches_the_model(tmp_path, init_from):
     """model.memory_noise (and the other RMT settings) reach the model the trainer builds, from
     scratch and from a pretrained backbone (the path that once dropped settings)."""
     from training.config import load_config
-    from training.trainer import build_model
+    from training.model_init import build_model
 
     overrides = ["model.memory_noise=0.5", "model.memory_noise_prob=0.25", "model.checkpoint_memory_budget_mb=64",
                  "deepspeed.zero_stage=1"]

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import segments
-from model.segments import IGNORE_INDEX, FusedLinearCrossEntropy, HeadGradient, lm_loss_sum
+from model import IGNORE_INDEX
+from model import segment_loss as segments
+from model.segment_loss import FusedLinearCrossEntropy, HeadGradient, lm_loss_sum
 from test_model_common import random_tokens, tiny_rmt
 
 torch.set_num_threads(1)

@@ -14,15 +14,16 @@ import pytest
 
 from training.checkpoint import verify_checkpoint
 from training.trainer import EXIT_NONFINITE
+from tests import faults
 from tests.test_reliability_helpers import (all_steps, complete_steps, console, launch_torchrun,
                                             train_losses)
 
-# 0-based step indices poisoned on rank 1 only; the trainer logs them 1-based (3, 6, 7).
-# Step 3 is an isolated bad step; 6 and 7 are two in a row = guard.max_nonfinite_in_a_row.
+# 0-based step indices poisoned on rank 1 only (tests/faults.py); the trainer logs them 1-based
+# (3, 6, 7). Step 3 is an isolated bad step; 6 and 7 are two in a row = guard.max_nonfinite_in_a_row.
 POISONED = [2, 5, 6]
+POISONED_RANK = 1
 GUARD = ["run.max_steps=20", "checkpoint.every=2", "checkpoint.keep_last=5",
-         "guard.max_nonfinite_in_a_row=2", f"guard.inject_nonfinite_steps={POISONED}",
-         "guard.inject_rank=1"]
+         "guard.max_nonfinite_in_a_row=2"]
 
 
 def _fp16_supported() -> bool:
@@ -42,8 +43,9 @@ def test_nonfinite_skipped_on_every_rank_counted_and_k_in_a_row_abort(precision,
     run_dir = tmp_path / f"{precision}_{kind}"
     # fp16: a modest initial scale, so that no natural overflow joins the injected ones.
     scale = ["deepspeed.initial_scale_power=8"] if precision == "fp16" else []
+    poison = f"{kind}:{POISONED_RANK}:{','.join(map(str, POISONED))}"
     proc = launch_torchrun(run_dir, *GUARD, *scale, f"deepspeed.precision={precision}",
-                           f"guard.inject_nonfinite_kind={kind}")
+                           env=faults.env(nonfinite=poison))
     code = proc.wait(timeout=300)
     out = console(run_dir)
     assert code != 0 and f"exitcode  : {EXIT_NONFINITE}" in out, out[-4000:]

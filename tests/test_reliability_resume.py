@@ -17,6 +17,7 @@ import time
 import pytest
 
 from training.checkpoint import SAVE_PHASES, verify_checkpoint
+from tests import faults
 from tests.test_reliability_helpers import (all_steps, complete_steps, console, free_port,
                                             launch_bare, launch_torchrun, train_losses)
 
@@ -102,7 +103,7 @@ def test_crash_at_every_save_phase_resumes_from_newest_complete(reference, tmp_p
     expected_resume = []
     for phase, rank, step in CRASHES:
         proc = launch_torchrun(run_dir, *EVERY_STEP,
-                               env={"RMT_TEST_CRASH_AT": f"{phase}:{rank}:{step}"})
+                               env=faults.env(crash_at=f"{phase}:{rank}:{step}"))
         code = finish(proc, f"run crashing at {phase}")
         assert code != 0, f"no crash at {phase}:{rank}:{step}\n" + console(run_dir)[-3000:]
         done = complete_steps(run_dir)

@@ -7,13 +7,13 @@ Layout of one checkpoint, `runs/NAME/checkpoints/step_XXXXXXXX/`:
   COMPLETE                            (rank 0) written last, atomically, after a barrier
 
 Resume reads only checkpoints with COMPLETE, never DeepSpeed's `latest` file (written before
-all ranks finish). COMPLETE holds a manifest (every file's size), so a checkpoint damaged after
-it was written is refused with the file named instead of half-loaded. Nothing here unpickles:
+all ranks finish); training.run_dir names these files and finds and reads complete checkpoints.
+COMPLETE holds a manifest (every file's size), so a checkpoint damaged after it was written is
+refused with the file named instead of half-loaded. Nothing here unpickles:
 our files are JSON, RNG states included.
 
-TEST ONLY: `RMT_TEST_CRASH_AT=PHASE:RANK:STEP` makes that rank SIGKILL itself at that phase of the
-save of that step (phases: SAVE_PHASES), so tests can interrupt a save at every point. Never set it
-in a real run.
+`CheckpointManager.save` reports each of its SAVE_PHASES to an `on_phase` callback (the trainer's
+`checkpoint_phase` hook point, training/hooks.py), so tests can interrupt a save at every point.
 """
 
 from __future__ import annotations
@@ -21,78 +21,35 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-import signal
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-CHECKPOINTS_DIR = "checkpoints"
-COMPLETE_MARKER = "COMPLETE"
-STEP_DIR_PATTERN = re.compile(r"^step_(\d{8})$")
-CRASH_ENV = "RMT_TEST_CRASH_AT"
-# The points of CheckpointManager.save, in order, where a test may kill a rank.
+from training.run_dir import (CLIENT_STATE_FILE, COMPLETE_MARKER, RMT_CONFIG_FILE, RunDir,
+                              complete_checkpoints, rank_file_name, read_json, step_dir_name,
+                              step_dirs)
+from training.run_dir import RunDirError as CheckpointError
+
+# The points of CheckpointManager.save, in order, reported to its `on_phase` (a test may kill a
+# rank at any of them).
 # (Before the first and after the last, a crash is a crash between steps: nothing of this save.)
 SAVE_PHASES = ("model_files", "rank_file_partial", "rank_file", "before_marker", "marker_partial",
                "after_marker")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the folder/file and what is wrong."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def rank_file_name(rank: int) -> str:
-    return f"rank_{rank:05d}.json"
-
-
-def is_complete(ckpt_dir: Path) -> bool:
-    return (ckpt_dir / COMPLETE_MARKER).is_file()
-
-
-def step_dirs(checkpoints_root: Path) -> dict[int, Path]:
-    """step -> folder for every step_XXXXXXXX folder, complete or not."""
-    found = {}
-    if checkpoints_root.is_dir():
-        for child in checkpoints_root.iterdir():
-            match = STEP_DIR_PATTERN.match(child.name)
-            if match and child.is_dir():
-                found[int(match.group(1))] = child
-    return found
-
-
-def complete_checkpoints(checkpoints_root: Path) -> dict[int, Path]:
-    return {s: d for s, d in step_dirs(checkpoints_root).items() if is_complete(d)}
-
-
-def newest_complete(checkpoints_root: Path) -> Optional[Path]:
-    done = complete_checkpoints(checkpoints_root)
-    return done[max(done)] if done else None
-
-
-def crash_point(phase: str, rank: int, step: int) -> None:
-    """TEST ONLY: SIGKILL this process when RMT_TEST_CRASH_AT names this phase, rank and step."""
-    wanted = os.environ.get(CRASH_ENV)
-    if wanted and wanted == f"{phase}:{rank}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def write_atomic(path: Path, text: str, partial_crash: Callable[[], None] = lambda: None) -> None:
+def write_atomic(path: Path, text: str, halfway: Callable[[], None] = lambda: None) -> None:
     """Write via a temp file, fsync it, rename over `path`, fsync the folder.
 
-    `partial_crash` runs when half the text is on disk (a test-only crash point)."""
+    `halfway` runs when half the text is on disk (a save phase, see SAVE_PHASES)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         half = len(text) // 2
         f.write(text[:half])
         f.flush()
-        partial_crash()
+        halfway()
         f.write(text[half:])
         f.flush()
         os.fsync(f.fileno())
@@ -104,9 +61,8 @@ def write_atomic(path: Path, text: str, partial_crash: Callable[[], None] = lamb
         os.close(dir_fd)
 
 
-def write_json_atomic(path: Path, obj: Any, partial_crash: Callable[[], None] = lambda: None
-                      ) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", partial_crash)
+def write_json_atomic(path: Path, obj: Any, halfway: Callable[[], None] = lambda: None) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", halfway)
 
 
 def file_sizes(ckpt_dir: Path) -> dict[str, int]:
@@ -143,10 +99,10 @@ def verify_checkpoint(ckpt_dir: Path, world_size: int, reshard: bool) -> dict:
             raise CheckpointError(f"{ckpt_dir / name}: {found[name]} bytes, {size} when saved "
                                   f"(truncated or replaced); resume from another checkpoint "
                                   f"(checkpoint.resume=PATH) or move it away")
-    client_state = read_json(ckpt_dir / "client_state.json")
+    client_state = read_json(ckpt_dir / CLIENT_STATE_FILE)
     saved_world = client_state.get("world_size")
     if not isinstance(saved_world, int):
-        raise CheckpointError(f"{ckpt_dir / 'client_state.json'}: no world_size; the folder was "
+        raise CheckpointError(f"{ckpt_dir / CLIENT_STATE_FILE}: no world_size; the folder was "
                               f"not written by training.pretrain")
     if saved_world != world_size and not (reshard and world_size <= saved_world):
         raise CheckpointError(
@@ -154,15 +110,6 @@ def verify_checkpoint(ckpt_dir: Path, world_size: int, reshard: bool) -> dict:
             f"{saved_world} rank(s)" + ("" if reshard or world_size > saved_world else
                                         " or set data.reshard=true"))
     return client_state
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing from a checkpoint marked complete") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,37 +158,35 @@ class CheckpointManager:
     """Saves and finds the checkpoints of one run; `barrier` synchronises all ranks."""
 
     def __init__(self, run_dir: Path, rank: int, keep_last: int, barrier: Callable[[], None]):
-        self.root = Path(run_dir) / CHECKPOINTS_DIR
+        self.root = RunDir(run_dir).checkpoints
         self.rank = rank
         self.keep_last = keep_last
         self.barrier = barrier
 
-    def save(self, engine, step: int, client_state: dict, rank_state: dict,
-             rmt_config: dict) -> Path:
-        """Collective: every rank calls it at the same step."""
+    def save(self, engine, step: int, client_state: dict, rank_state: dict, rmt_config: dict,
+             on_phase: Callable[[str], None] = lambda phase: None) -> Path:
+        """Collective: every rank calls it at the same step. `on_phase(phase)` runs at each of
+        SAVE_PHASES this rank reaches."""
         ckpt = self.root / step_dir_name(step)
-
-        def crash(phase: str) -> Callable[[], None]:
-            return lambda: crash_point(phase, self.rank, step)
-
         if self.rank == 0 and ckpt.exists():
             # A folder at a step we are about to save is the leftover of a crashed save (resume
             # starts from the newest complete one) or of a run the user chose not to resume.
             shutil.rmtree(ckpt)
         self.barrier()
         engine.save_checkpoint(str(self.root), tag=ckpt.name, save_latest=False)
-        crash("model_files")()
-        write_json_atomic(ckpt / rank_file_name(self.rank), rank_state, crash("rank_file_partial"))
-        crash("rank_file")()
+        on_phase("model_files")
+        write_json_atomic(ckpt / rank_file_name(self.rank), rank_state,
+                          lambda: on_phase("rank_file_partial"))
+        on_phase("rank_file")
         if self.rank == 0:
-            write_json_atomic(ckpt / "rmt_config.json", rmt_config)
-            write_json_atomic(ckpt / "client_state.json", client_state)
+            write_json_atomic(ckpt / RMT_CONFIG_FILE, rmt_config)
+            write_json_atomic(ckpt / CLIENT_STATE_FILE, client_state)
         self.barrier()  # every rank's files are on disk before the marker says so
         if self.rank == 0:
-            crash("before_marker")()
+            on_phase("before_marker")
             write_json_atomic(ckpt / COMPLETE_MARKER, {"step": step, "files": file_sizes(ckpt)},
-                              crash("marker_partial"))
-            crash("after_marker")()
+                              lambda: on_phase("marker_partial"))
+            on_phase("after_marker")
             self.prune()
         self.barrier()
         return ckpt
@@ -256,10 +201,6 @@ class CheckpointManager:
             if step not in keep and step < done[-1]:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def resolve(self, resume: str) -> Optional[Path]:
-        """The checkpoint to resume from: `auto` = newest complete of this run, `never`, or a path."""
-        return resolve_resume(self.root, resume)
-
     def load(self, engine, ckpt: Path) -> tuple[dict, dict]:
         """Restore the engine; return (client_state, this rank's state)."""
         rank_path = ckpt / rank_file_name(self.rank)
@@ -268,7 +209,7 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{ckpt}: no {rank_path.name} for rank {self.rank} (saved: {saved}); resume with the "
                 f"world size the checkpoint was written with ({len(saved)})")
-        client_state = read_json(ckpt / "client_state.json")
+        client_state = read_json(ckpt / CLIENT_STATE_FILE)
         rank_state = read_json(rank_path)
         try:
             load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name,
@@ -280,17 +221,3 @@ class CheckpointManager:
         if load_path is None:
             raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
         return client_state, rank_state
-
-
-def resolve_resume(checkpoints_root: Path, resume: str) -> Optional[Path]:
-    """`auto` = newest complete checkpoint under the root (None if there is none), `never` = None,
-    else the named folder, which must be complete."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return newest_complete(checkpoints_root)
-    ckpt = Path(resume)
-    if not is_complete(ckpt):
-        raise CheckpointError(f"checkpoint.resume: {ckpt} has no {COMPLETE_MARKER} marker; "
-                              f"give a complete checkpoint folder")
-    return ckpt

@@ -27,11 +27,15 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from model import IGNORE_INDEX
 from model.segments import shifted_targets
+from training import run_dir
+from training import scoring
+from training.eval_report import format_table, plot
+from training.run_dir import ModelSource, load_model
 
 CONDITIONS = ("rmt", "no_memory", "memory_reset")
 TASKS = {"copy": "copy", "reverse": "reverse", "assoc": "associative_retrieval", "text": "text"}
-IGNORE_INDEX = -100
 
 
 class EvalError(Exception):
@@ -68,74 +72,29 @@ class EvalSettings:
 # --------------------------------------------------------------------------- loading
 
 
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
-    description: dict
-
-
-@dataclass
-class ModelSource:
-    """Where the model comes from, found without loading any weights."""
-
-    path: Path
-    kind: str  # "export" or "run"
-    segment_size: int
-    checkpoint: Path | None = None  # runs: the newest complete checkpoint
-    run_config_path: Path | None = None
-
-
 def find_model(path: Path) -> ModelSource:
-    from training import export
-
-    if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        return ModelSource(path, "export", int(config["segment_size"]))
-    if (path / export.CHECKPOINTS_DIR).is_dir():
-        try:
-            checkpoint = export.resolve_checkpoint(path, None)
-            config = export.read_json(checkpoint / "rmt_config.json")
-        except export.ExportError as exc:
-            raise EvalError(f"--model {path}: {exc}") from None
-        return ModelSource(path, "run", int(config["segment_size"]), checkpoint, path / "config.yaml")
-    raise EvalError(f"--model {path}: neither an exported folder (config.json) nor a run (checkpoints/)")
-
-
-def load_model(source: ModelSource) -> LoadedModel:
-    """An exported folder (through its shipped remote code) or a run's newest checkpoint."""
-    if source.kind == "export":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=True, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=True)
-        return LoadedModel(model.eval(), tokenizer, {"model": str(source.path), "kind": "export"})
-    from training import export
-
-    model = export.load_checkpoint_model(source.checkpoint)
-    tokenizer = export.load_run_tokenizer(source.path)
-    step = export.read_json(source.checkpoint / "client_state.json").get("step")
-    return LoadedModel(model, tokenizer, {"model": str(source.path), "kind": "run",
-                                          "checkpoint": source.checkpoint.name, "step": step})
+    """An exported folder or a run (its newest complete checkpoint), found without loading weights."""
+    try:
+        return run_dir.find_model(path)
+    except run_dir.RunDirError as exc:
+        raise EvalError(f"--model {path}: {exc}") from None
 
 
 def data_section(path: Path):
     """The `data` section of a recipe or a run's resolved config.yaml, type- and range-checked.
 
-    Only this section is read: the batch arithmetic of a 2-rank recipe is no concern of a
-    1-process evaluation.
+    Only this section is range-checked: the batch arithmetic of a 2-rank recipe is no concern of
+    a 1-process evaluation.
     """
-    import yaml
-
-    from training.config import _build
-    from training.data.config import DataConfig
+    from training.config import ConfigError, load_saved_config
 
     if not path.is_file():
         raise EvalError(f"--data {path}: no such file (a recipe YAML or runs/NAME/config.yaml)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    problems: list[str] = []
-    cfg = _build(DataConfig, raw.get("data") or {}, "data", problems)
-    problems += [] if problems else cfg.problems()
+    try:
+        cfg = load_saved_config(path).data
+    except ConfigError as exc:  # each problem names the file
+        raise EvalError("--data: " + "; ".join(exc.problems)) from None
+    problems = cfg.problems()
     if problems:
         raise EvalError(f"--data {path}: " + "; ".join(problems))
     return cfg
@@ -199,13 +158,12 @@ def predictions(model, condition: str, input_ids, attention_mask) -> torch.Tenso
 
 
 def answer_scores(predicted: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per sample: (exact match bool [B], correct answer tokens [B], answer tokens [B])."""
-    target = labels[:, 1:]
-    answer = target != IGNORE_INDEX
-    correct = (predicted[:, :-1] == target) & answer
-    if not bool(answer.any(dim=1).all()):
+    """Per sample: (exact match bool [B], correct answer tokens [B], answer tokens [B])
+    (training/scoring.py); every sample must have an answer."""
+    exact, correct, count = scoring.answer_scores(predicted, labels)
+    if not bool((count > 0).all()):
         raise ValueError("answer_scores: a sample has no answer token (labels are all -100)")
-    return correct.sum(1) == answer.sum(1), correct.sum(1), answer.sum(1)
+    return exact, correct, count
 
 
 def answer_runs(answer_positions: list[int]) -> list[tuple[int, int]]:
@@ -324,55 +282,6 @@ def text_row(n_seg: int, segment_size: int, sums: dict, counts: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def format_table(report: dict) -> str:
-    metric = report["metric"]
-    header = f"{'segments':>8} {'tokens':>7} " + " ".join(f"{c:>13}" for c in CONDITIONS)
-    lines = [f"{report['task']} ({metric}; {report['model']['model']})", header]
-    for row in report["results"]:
-        cells = []
-        for c in CONDITIONS:
-            cells.append(f"{row[c]['exact_match']:>13.3f}" if metric == "exact_match"
-                         else f"{row[c]['loss']:>6.3f} ({row[c]['ppl']:>5.1f})")
-        lines.append(f"{row['num_segments']:>8} {row['tokens']:>7} " + " ".join(cells))
-    if "generate_check" in report:
-        g = report["generate_check"]
-        lines.append(f"generate() re-check: {g['agree']}/{g['samples']} samples agree with teacher-forced exact match")
-    return "\n".join(lines)
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["results"]
-    xs = [r["num_segments"] for r in rows]
-    metric = "exact_match" if report["metric"] == "exact_match" else "loss"
-    panels = 1 if metric == "exact_match" else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    ax = axes[0][0]
-    for c in CONDITIONS:
-        ax.plot(xs, [r[c][metric] for r in rows], marker="o", label=c)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("number of segments")
-    ax.set_ylabel("exact match" if metric == "exact_match" else "loss (nats/token)")
-    ax.set_title(f"{report['task']}: {metric.replace('_', ' ')} vs segments")
-    ax.legend()
-    if panels == 2:
-        longest = rows[-1]
-        ax = axes[0][1]
-        for c in CONDITIONS:
-            ax.plot(range(1, longest["num_segments"] + 1), longest[c]["segment_losses"], marker=".", label=c)
-        ax.set_xlabel("segment index")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"loss by segment index ({longest['num_segments']} segments)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def default_out_dir(source: ModelSource) -> Path:

@@ -1,7 +1,9 @@
-"""What a step with non-finite values means, per precision (the trainer's non-finite guard).
+"""The trainer's non-finite guard: detection, verdict, veto.
 
-Every rank flags a non-finite loss and, separately, non-finite gradients (tensor hooks); the
-trainer all-reduces both flags, so every rank classifies the step the same way:
+Every rank flags a non-finite loss and, separately, non-finite gradients (`GradientFlag`: tensor
+hooks on every parameter, before any reduction); the trainer all-reduces both flags, so every
+rank classifies the step the same way (`classify_step`), and a skipped step is vetoed in the
+optimizer (`GuardedAdamW`):
 
   ok          finite loss and gradients: apply the update.
   overflow    fp16 only: finite loss, non-finite gradients, loss scale above its minimum. This
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 OK, OVERFLOW, NONFINITE = "ok", "overflow", "nonfinite"
 
@@ -59,3 +63,38 @@ def classify_step(loss_finite: bool, grads_finite: bool, precision: str,
     if not loss_finite:
         return StepVerdict(NONFINITE, at_min)
     return StepVerdict(NONFINITE if at_min else OVERFLOW, at_min)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be vetoed: the trainer sets `skip_next_step` when any rank saw a
+    non-finite loss or gradient. DeepSpeed (every ZeRO stage) calls this `step` for the update,
+    so a vetoed step changes neither weights nor moments nor Adam's step count."""
+
+    skip_next_step = False
+
+    def step(self, closure=None):
+        if self.skip_next_step:
+            return None
+        return super().step(closure)
+
+
+class GradientFlag:
+    """Flags non-finite gradients as they arrive, on this rank, before any reduction: a tensor
+    hook on every trainable parameter. `zero_()` before a step's backward, `bool()` after it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.flag = torch.zeros((), dtype=torch.bool)
+
+        def check(grad: torch.Tensor) -> torch.Tensor:
+            self.flag |= ~torch.isfinite(grad).all().cpu()
+            return grad
+
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(check)
+
+    def zero_(self) -> None:
+        self.flag.zero_()
+
+    def __bool__(self) -> bool:
+        return bool(self.flag)

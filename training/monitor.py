@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from training.run_dir import RunDir
+
 log = logging.getLogger("training")
 
 # Dense bf16 peak TFLOP/s per device, for MFU when logging.peak_tflops is not given.
@@ -87,8 +89,8 @@ class Monitor:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+            self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard))
+        self.metrics_file = open(RunDir(run_dir).metrics, "a")
         if progress_bar:
             from tqdm import tqdm
 

@@ -20,6 +20,7 @@ import warnings
 from typing import Optional
 
 from training.config import ConfigError, TrainConfig, load_config
+from training.run_dir import RunDir
 
 DEFAULT_RECIPE = "configs/tiny_cpu.yaml"
 EXIT_BAD_INPUT = 2
@@ -62,14 +63,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def where(cfg: TrainConfig) -> str:
-    run = cfg.run_dir
+    run = RunDir(cfg.run_dir)
     return "\n".join([
-        f"  run directory : {run}",
-        f"  config        : {run / 'config.yaml'}",
-        f"  log file      : {run / 'train.log'}",
-        f"  tensorboard   : tensorboard --logdir {run / 'tensorboard'}",
-        f"  checkpoints   : {run / 'checkpoints'}",
-        f"  export        : {run / 'export'}" + ("" if cfg.run.export else " (run.export=false)"),
+        f"  run directory : {run.path}",
+        f"  config        : {run.config}",
+        f"  log file      : {run.log}",
+        f"  tensorboard   : tensorboard --logdir {run.tensorboard}",
+        f"  checkpoints   : {run.checkpoints}",
+        f"  export        : {run.export}" + ("" if cfg.run.export else " (run.export=false)"),
     ])
 
 
@@ -86,11 +87,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
     args = parse_args(argv)
-    from training.trainer import install_stop_signal_handlers
+    from training.signals import install_stop_signal_handlers
     install_stop_signal_handlers()
     rank_hint = launch_rank()
+    from deepspeed.accelerator import get_accelerator
+
     try:
-        cfg = load_config(args.config, args.overrides, world_size=launch_world_size())
+        # The whole gate, the accelerator's precisions included, before any distributed work.
+        cfg = load_config(args.config, args.overrides, world_size=launch_world_size(),
+                          accelerator=get_accelerator())
     except ConfigError as e:
         return fail(e.report(), rank_hint)
 
@@ -103,16 +108,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 rendezvous_timeout_s=cfg.distributed.setup_timeout_s)
     except DistributedSetupError as e:
         return fail(f"launch environment: {e}", rank_hint)
-    problems = cfg.batch.problems(dist.world_size) + precision_problems(cfg)
+    # The world the rendezvous formed is what the batch must split over (the launcher's
+    # announcement checked above is usually, not always, the same).
+    problems = cfg.batch.problems(dist.world_size)
     if problems:
         destroy()
         return fail(ConfigError(problems).report(), dist.rank)
-    from training.checkpoint import CHECKPOINTS_DIR, CheckpointError, resolve_resume, verify_checkpoint
+    from training.checkpoint import CheckpointError, verify_checkpoint
+    from training.run_dir import resolve_resume
 
     try:
         # Before anything is written: a damaged or mismatched checkpoint is bad input, and
         # `auto` never falls back to an older checkpoint or to a fresh start behind the user's back.
-        resume_from = resolve_resume(cfg.run_dir / CHECKPOINTS_DIR, cfg.checkpoint.resume)
+        resume_from = resolve_resume(RunDir(cfg.run_dir).checkpoints, cfg.checkpoint.resume)
         if resume_from is not None:
             verify_checkpoint(resume_from, dist.world_size, cfg.data.reshard)
     except CheckpointError as e:
@@ -128,21 +136,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     return status
 
 
-def precision_problems(cfg: TrainConfig) -> list[str]:
-    """deepspeed.precision the accelerator cannot train in (e.g. fp16 on DeepSpeed's CPU
-    accelerator, which DeepSpeed refuses only after the model is built)."""
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    supported = {"fp32": True, "bf16": accel.is_bf16_supported(),
-                 "fp16": accel.is_fp16_supported()}
-    if supported[cfg.deepspeed.precision]:
-        return []
-    valid = ", ".join(k for k, ok in supported.items() if ok)
-    return [f"deepspeed.precision: {cfg.deepspeed.precision} is not supported by DeepSpeed's "
-            f"{accel.device_name()} accelerator (valid here: {valid})"]
-
-
 def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
     """Train; returns (exit status, outcome: 'done' | 'preempted' | 'failed')."""
     from training.checkpoint import CheckpointError
@@ -154,9 +147,9 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
     run_dir = cfg.run_dir
     if dist.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        RunDir(run_dir).config.write_text(cfg.to_yaml())
     barrier()
-    setup_logging(run_dir / "train.log" if dist.rank == 0 else None, dist.rank)
+    setup_logging(RunDir(run_dir).log if dist.rank == 0 else None, dist.rank)
     log.info("run %s on %d rank(s) (%s), ZeRO-%d, %s, batch %s\n%s", cfg.run.name,
              dist.world_size, dist.launcher, cfg.deepspeed.zero_stage, cfg.deepspeed.precision,
              cfg.batch.describe(dist.world_size), where(cfg))
@@ -207,7 +200,7 @@ def _export(cfg: TrainConfig) -> int:
     """Export the final checkpoint to run_dir/export, replacing an export of an older step."""
     from training.export import export_run
 
-    out = cfg.run_dir / "export"
+    out = RunDir(cfg.run_dir).export
     # export_run stages into a sibling folder and replaces `out` only after the reload check passes.
     result = export_run(cfg.run_dir, out_dir=out, step=None, overwrite=True)
     log.info("exported step %d to %s (reload max |logit diff| %.2e)", result.step, out,

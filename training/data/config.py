@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from training.data.errors import DataSourceError
+from training.data.memory_vocab import MAX_ALPHABET, MAX_FILLER, VOCAB
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 BUILTIN = "builtin"
@@ -91,8 +92,6 @@ class MemoryTaskConfig:
                    "content from noise)")
 
     def problems(self, where: str) -> list[str]:
-        from training.data.memory_tasks import MAX_ALPHABET, MAX_FILLER  # avoids a cycle
-
         out = []
         unknown = [t for t in self.tasks if t not in TASK_NAMES]
         if not self.tasks or unknown:
@@ -173,7 +172,5 @@ class DataConfig:
     def required_vocab_size(self) -> Optional[int]:
         """Vocabulary the model needs when it is known without loading files (builtin only)."""
         if self.tokenizer == BUILTIN:
-            from training.data.memory_tasks import VOCAB
-
             return len(VOCAB)
         return None

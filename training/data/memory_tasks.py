@@ -29,19 +29,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from model.conventions import IGNORE_INDEX as IGNORE  # torch- and transformers-free
 from training.data import rng
 from training.data.config import TASK_NAMES, MemoryTaskConfig
+from training.data.memory_vocab import MARKERS, VOCAB
+from training.scoring import accuracies, answer_totals
 
-MAX_ALPHABET = 32
-MAX_FILLER = 16
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-MARKERS = {"copy": "<copy>", "reverse": "<reverse>", "associative_retrieval": "<assoc>"}
-VOCAB = (SPECIAL_TOKENS + list(MARKERS.values()) + ["<sep>", "<ans>"]
-         + [f"s{i}" for i in range(MAX_ALPHABET)] + [f"f{i}" for i in range(MAX_FILLER)])
 IDS = {tok: i for i, tok in enumerate(VOCAB)}
 PAD, BOS, EOS, SEP, ANS = (IDS[t] for t in ("<pad>", "<bos>", "<eos>", "<sep>", "<ans>"))
 SYMBOL0, FILLER0 = IDS["s0"], IDS["f0"]
-IGNORE = -100
 
 
 def block_length(task: str, span_length: int) -> int:
@@ -170,14 +166,7 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
 
     logits [B, L, V] come from a causal LM: position i predicts token i+1.
     """
-    predicted = logits[:, :-1].argmax(-1)
-    target = labels[:, 1:]
-    mask = target != IGNORE
-    correct = (predicted == target) & mask
-    has_answer = mask.any(1)
-    token_acc = correct.sum().item() / max(mask.sum().item(), 1)
-    exact = (correct | ~mask).all(1) & has_answer
-    return token_acc, exact.sum().item() / max(has_answer.sum().item(), 1)
+    return accuracies(answer_totals(logits.argmax(-1), labels))
 
 
 def build_tokenizer():

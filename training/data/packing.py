@@ -16,9 +16,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from model.conventions import IGNORE_INDEX as IGNORE  # torch- and transformers-free
 from training.data.errors import DataSourceError
 
-IGNORE = -100
 PACKER_COUNTERS = ("samples", "tokens", "short_documents_dropped", "short_documents_padded",
                    "padding_tokens", "truncated_tokens")
 

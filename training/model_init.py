@@ -1,0 +1,40 @@
+"""The model every rank starts training from: the RMT with the backbone's own (Hugging Face)
+initialisation, or pretrained backbone weights (`model.init_from`), ZeRO-3 aware."""
+
+from __future__ import annotations
+
+import torch
+
+from training.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig, rank: int, ds_config: dict) -> torch.nn.Module:
+    """Every rank seeds identically, so all stages start from the same weights. Under ZeRO-3 the
+    model is built inside zero.Init (no rank holds it whole) and the weights come from a plain
+    copy built on rank 0 only, one gathered parameter at a time: Hugging Face's `_init_weights`
+    runs after zero.Init has already partitioned the submodules, so it cannot initialise them.
+    """
+    import deepspeed
+
+    from model import RMTConfig, RMTForCausalLM
+
+    def plain() -> torch.nn.Module:
+        torch.manual_seed(cfg.run.seed)
+        if cfg.model.init_from is None:
+            return RMTForCausalLM(RMTConfig(**cfg.model.rmt_kwargs()))
+        kwargs = cfg.model.rmt_kwargs()
+        kwargs.pop("backbone")
+        return RMTForCausalLM.from_backbone(cfg.model.init_from, **kwargs)
+
+    if cfg.deepspeed.zero_stage != 3:
+        return plain()
+    reference = plain() if rank == 0 else None
+    rmt_config = RMTConfig(**{**cfg.model.rmt_kwargs(), "backbone": cfg.model.resolved_backbone()})
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = RMTForCausalLM(rmt_config)
+    source = dict(reference.named_parameters()) if reference is not None else {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                param.data.copy_(source[name].data)
+    return model
