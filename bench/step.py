@@ -28,9 +28,15 @@ RMT calls the backbone once per segment with n = T + 2m (memory tokens included)
 MFU = model FLOPs / step time / matmul rate, the matmul rate measured in this run (fp32 GEMM on the
 same threads, or bf16 on the GPU).
 
+--micro-batch B (default 8 on the gpu-* profiles, 1 on the CPU ones) feeds every variant the same
+[B, L] batch: B copies of one sequence, so the per-sample loss does not depend on B (a step's cost
+does not depend on the token values). tokens/s counts B * L tokens per step; the MFU numerator is
+B times the FLOPs of one sequence.
+
     python bench/step.py                              # CPU profile, 4K and 16K tokens
     python bench/step.py --lengths 4096 65536 1048576 --variants a c
-    python bench/step.py --profile gpu-350m --device cuda --lengths 16384
+    python bench/step.py --profile gpu-350m --device cuda --lengths 16384     # micro batch 8
+    python bench/step.py --profile gpu-1b --device cuda --lengths 65536 --micro-batch 2
     python bench/step.py --variants b c --lengths 4096 --op-profile     # where a step's time goes
     python bench/step.py --variants b c --lengths 4096 --compile        # RMT variants via torch.compile
     python bench/step.py --variants a b m c --budget-mb 1700 --lengths 16384 --steps 9 --interleave
@@ -74,6 +80,7 @@ class Profile:
 
 PROFILES = {
     "cpu": Profile(256, 4, 4, 1024, 8192, 512, 16, "float32"),
+    "tiny": Profile(64, 2, 2, 128, 512, 128, 4, "float32"),  # tests and bench/gpu_report.sh --dry-run
     "gpu-125m": Profile(768, 12, 12, 2048, 32000, 1024, 16, "bfloat16"),
     "gpu-350m": Profile(1024, 24, 16, 2816, 32000, 1024, 16, "bfloat16"),
     "gpu-1b": Profile(2048, 16, 32, 5632, 32000, 1024, 16, "bfloat16"),
@@ -102,12 +109,25 @@ def build_config(profile: Profile, length: int, **rmt_settings) -> RMTConfig:
     )
 
 
-def step_flops(profile: Profile, variant: str, length: int) -> float:
-    """Model FLOPs of one training step (formula in the module docstring)."""
+def default_micro_batch(profile_name: str) -> int:
+    """8 sequences per step on the GPU profiles, 1 (the CPU benchmark's batch) on the others."""
+    return 8 if profile_name.startswith("gpu-") else 1
+
+
+def step_flops(profile: Profile, variant: str, length: int, micro_batch: int = 1) -> float:
+    """Model FLOPs of one training step on `micro_batch` sequences (formula in the module docstring)."""
     config = build_config(profile, length)
     if variant == "d":
-        return backbone_training_flops(config.backbone_config, length, length)
-    return config.training_flops(length, num_mem_tokens=0 if variant == "c" else None)
+        return micro_batch * backbone_training_flops(config.backbone_config, length, length)
+    return micro_batch * config.training_flops(length, num_mem_tokens=0 if variant == "c" else None)
+
+
+def add_rates(row: dict, profile: Profile, rate: float) -> None:
+    """tokens/s and MFU of a measured row, both counting its micro batch."""
+    micro_batch = row.get("micro_batch", 1)
+    row["tokens_per_step"] = micro_batch * row["length"]
+    row["tokens_per_s"] = row["tokens_per_step"] / row["step_s"]
+    row["mfu"] = step_flops(profile, row["variant"], row["length"], micro_batch) / row["step_s"] / rate
 
 
 # ----- one point, in its own process ------------------------------------------------------
@@ -189,7 +209,7 @@ def run_point(args) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     step, params = make_step(args.variant, profile, args.length, device, dtype, args.budget_mb, args.compile)
-    ids = point_tokens(profile, args.length, device)
+    ids = point_tokens(profile, args.length, device, args.micro_batch)
     warmup_start = time.perf_counter()
     warm_up(step, ids, profile)
     warmup_s = time.perf_counter() - warmup_start
@@ -208,7 +228,7 @@ def run_point(args) -> dict:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.steps
     rmt = getattr(step, "rmt", None)
     result = dict(
-        variant=args.variant, profile=args.profile, length=args.length, step_s=min(times), step_times_s=[round(t, 3) for t in times], warmup_s=warmup_s, loss=float(loss),
+        variant=args.variant, profile=args.profile, length=args.length, micro_batch=args.micro_batch, step_s=min(times), step_times_s=[round(t, 3) for t in times], warmup_s=warmup_s, loss=float(loss),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_before_step_mb=rss_before_mb,
         param_mb=sum(p.numel() * p.element_size() for p in params) / 2**20,
         checkpointed_segments=rmt.last_checkpointed_segments if rmt is not None else None,
@@ -235,12 +255,14 @@ def run_interleaved(args) -> list:
     dtype = getattr(torch, profile.dtype)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    ids = point_tokens(profile, args.length, device)
-    steps = {}
+    ids = point_tokens(profile, args.length, device, args.micro_batch)
+    steps, warmup_s = {}, {}
     for variant in args.interleave_variants:
         steps[variant], _ = make_step(variant, profile, args.length, device, dtype, args.budget_mb, args.compile)
+        warmup_start = time.perf_counter()
         warm_up(steps[variant], ids, profile)
         steps[variant](ids)
+        warmup_s[variant] = time.perf_counter() - warmup_start  # with --compile: the compile too
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {variant: [] for variant in steps}
     phases = {variant: [] for variant in steps}
@@ -257,12 +279,15 @@ def run_interleaved(args) -> list:
     for variant, step in steps.items():
         rmt = getattr(step, "rmt", None)
         rows.append(dict(
-            variant=variant, profile=args.profile, length=args.length, step_s=median(times[variant]),
-            step_times_s=[round(t, 3) for t in times[variant]], loss=float(losses[variant]),
+            variant=variant, profile=args.profile, length=args.length, micro_batch=args.micro_batch,
+            step_s=median(times[variant]),
+            step_times_s=[round(t, 3) for t in times[variant]], warmup_s=warmup_s[variant], loss=float(losses[variant]),
             # Wall-clock medians of forward (with the loss), backward and optimizer step.
             phases_s=[round(median(list(p)), 3) for p in zip(*phases[variant])],
             checkpointed_segments=rmt.last_checkpointed_segments if rmt is not None else None,
         ))
+        if device.type == "cuda":
+            rows[-1]["peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20  # the process's, all variants
     return rows
 
 
@@ -270,9 +295,11 @@ def median(values):
     return sorted(values)[len(values) // 2]
 
 
-def point_tokens(profile: Profile, length: int, device) -> torch.Tensor:
+def point_tokens(profile: Profile, length: int, device, micro_batch: int = 1) -> torch.Tensor:
+    """[micro_batch, length]: copies of one random sequence (the per-sample loss does not depend on B)."""
     generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, profile.vocab_size, (1, length), generator=generator).to(device)
+    ids = torch.randint(0, profile.vocab_size, (1, length), generator=generator)
+    return ids.repeat(micro_batch, 1).to(device)
 
 
 def warm_up(step, ids, profile: Profile):
@@ -295,7 +322,7 @@ def op_profile(args, rows: int = 18):
         for variant in args.variants:
             step, _ = make_step(variant, prof_cfg, length, device, getattr(torch, prof_cfg.dtype), args.budget_mb,
                                 args.compile)
-            ids = point_tokens(prof_cfg, length, device)
+            ids = point_tokens(prof_cfg, length, device, args.micro_batch)
             warm_up(step, ids, prof_cfg)
             # One full-length step first: otherwise the profiled step is the first to reach full
             # length and its element-wise ops pay the kernel's zero-fill of every fresh page.
@@ -350,7 +377,7 @@ def run_driver(args):
     except ValueError as error:
         raise SystemExit(f"--allocator {args.allocator}: {error}")
     chosen = {k: v for k, v in env.items() if allocator.ALLOCATOR_VARIABLE.match(k)}
-    print(f"profile {args.profile} {profile}; allocator {args.allocator} {chosen or '(glibc defaults)'}; threads {args.threads}; clock {args.clock}; "
+    print(f"profile {args.profile} {profile}; micro batch {args.micro_batch}; allocator {args.allocator} {chosen or '(glibc defaults)'}; threads {args.threads}; clock {args.clock}; "
           f"load average {os.getloadavg()[0]:.1f}; matmul rate {rate / 1e9:.1f} GFLOP/s", flush=True)
     rows = []
     for length in args.lengths:
@@ -372,14 +399,14 @@ def run_driver(args):
         for variant in variants:
             if variant in best:
                 row = best[variant]
-                row["tokens_per_s"] = length / row["step_s"]
-                row["mfu"] = step_flops(profile, variant, length) / row["step_s"] / rate
+                add_rates(row, profile, rate)
                 rows.append(row)
                 print(format_row(row, None), flush=True)
     print_table(rows, rate)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(profile=args.profile, allocator=args.allocator, matmul_flops=rate, rows=rows), f, indent=1)
+            json.dump(dict(profile=args.profile, device=args.device, micro_batch=args.micro_batch, compile=args.compile,
+                           allocator=args.allocator, matmul_flops=rate, rows=rows), f, indent=1)
 
 
 def interleaved_rows(args, variants, length: int, env: dict, profile: Profile, rate: float) -> list:
@@ -388,8 +415,7 @@ def interleaved_rows(args, variants, length: int, env: dict, profile: Profile, r
         return []
     times = {p["variant"]: p["step_times_s"] for p in points}
     for row in points:
-        row["tokens_per_s"] = length / row["step_s"]
-        row["mfu"] = step_flops(profile, row["variant"], length) / row["step_s"] / rate
+        add_rates(row, profile, rate)
         # Paired per round: the steps of one round ran seconds apart, under the same load.
         for base in ("c", "b"):
             if base in times:
@@ -405,7 +431,8 @@ def interleaved_rows(args, variants, length: int, env: dict, profile: Profile, r
 def run_point_process(args, variant: str, length: int, env: dict):
     """One point in a fresh process; `variant` may be a comma-separated list with --interleave."""
     cmd = [sys.executable, os.path.abspath(__file__), "--point", "--variant", variant, "--length", str(length),
-           "--profile", args.profile, "--device", args.device, "--threads", str(args.threads), "--steps", str(args.steps)]
+           "--profile", args.profile, "--device", args.device, "--threads", str(args.threads), "--steps", str(args.steps),
+           "--micro-batch", str(args.micro_batch)]
     if args.interleave:
         cmd.append("--interleave")
     if args.budget_mb is not None:
@@ -450,6 +477,8 @@ def parse_args(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["a", "b", "c", "d"])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per step, every variant alike (default: 8 on gpu-* profiles, 1 on CPU ones)")
     parser.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1), help="CPU threads (torch)")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per point (the fastest is kept)")
     parser.add_argument("--repeats", type=int, default=2, help="fresh processes per point, round-robin (fastest kept)")
@@ -484,8 +513,11 @@ def parse_args(argv=None):
                          f"(a comma-separated list with --interleave)")
     if any(length < 1 for length in args.lengths):
         parser.error(f"--lengths {args.lengths}: every length must be a positive integer")
-    if min(args.steps, args.threads, args.repeats) < 1:
-        parser.error(f"--steps {args.steps}, --threads {args.threads}, --repeats {args.repeats}: each must be >= 1")
+    if args.micro_batch is None:
+        args.micro_batch = default_micro_batch(args.profile)
+    if min(args.steps, args.threads, args.repeats, args.micro_batch) < 1:
+        parser.error(f"--steps {args.steps}, --threads {args.threads}, --repeats {args.repeats}, "
+                     f"--micro-batch {args.micro_batch}: each must be >= 1")
     if "m" in args.variants and args.budget_mb is None:
         parser.error("variant m needs --budget-mb (the checkpoint memory budget in MiB)")
     if args.clock == "cpu" and args.device != "cpu":

@@ -25,13 +25,19 @@ TINY = ["run.max_steps=20", "run.export=false", "logging.every=1", "logging.prog
         "batch.global_batch_size=null"]
 
 
-def launch(run_dir: Path, nproc: int, extra: list[str], **popen) -> subprocess.Popen:
+def pretrain_command(run_dir: Path, nproc: int, extra: list[str]) -> tuple[list[str], dict]:
+    """(command, environment) of a tiny torchrun pretraining run into `run_dir`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "training.pretrain",
            f"run.runs_dir={run_dir.parent}", f"run.name={run_dir.name}", *TINY, *extra]
+    return cmd, env
+
+
+def launch(run_dir: Path, nproc: int, extra: list[str], **popen) -> subprocess.Popen:
+    cmd, env = pretrain_command(run_dir, nproc, extra)
     log = open(run_dir.parent / f"{run_dir.name}.console.log", "a")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, **popen)

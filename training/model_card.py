@@ -7,6 +7,8 @@ defaults.
 
 from __future__ import annotations
 
+from training.config.sections import flatten
+
 
 def _format_metric(value) -> str:
     if isinstance(value, bool):
@@ -36,16 +38,6 @@ def example_prompt(model, run_config: dict, tokenizer) -> tuple[str, str | None]
     return tokenizer.decode(ids[:first]), tokenizer.decode(ids[first : last + 1])
 
 
-def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
-    items = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items += _flatten(value, f"{prefix}{key}.")
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items
-
-
 def render_model_card(model, client_state: dict, run_config: dict, repo_id: str,
                       prompt: str, expected: str | None) -> str:
     """Model card whose numbers come from the checkpoint and run config, not from defaults."""
@@ -72,7 +64,7 @@ def render_model_card(model, client_state: dict, run_config: dict, repo_id: str,
     arch = "\n".join(f"| {k} | {v} |" for k, v in rows)
     # Only the settings of the corpus that was actually used.
     builtin = data_cfg.get("source", "memory_tasks") == "memory_tasks"
-    data_items = [(k, v) for k, v in _flatten(data_cfg)
+    data_items = [(k, v) for k, v in flatten(data_cfg)
                   if k == "source" or k.startswith("memory_tasks.") == builtin]
     data_lines = "\n".join(f"- `{k}`: {_format_metric(v)}" for k, v in data_items) or "- (not recorded)"
     metric_lines = "\n".join(f"| {k} | {_format_metric(v)} |" for k, v in sorted(metrics.items()))

@@ -1,5 +1,6 @@
 """The model every rank starts training from: the RMT with the backbone's own (Hugging Face)
-initialisation, or pretrained backbone weights (`model.init_from`), ZeRO-3 aware."""
+initialisation, or pretrained backbone weights (`model.init_from`, loaded in fp32 whatever the
+checkpoint's dtype, so every parameter, memory included, has one dtype), ZeRO-3 aware."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ def build_model(cfg: TrainConfig, rank: int, ds_config: dict) -> torch.nn.Module
             return RMTForCausalLM(RMTConfig(**cfg.model.rmt_kwargs()))
         kwargs = cfg.model.rmt_kwargs()
         kwargs.pop("backbone")
-        return RMTForCausalLM.from_backbone(cfg.model.init_from, **kwargs)
+        # Not transformers' dtype='auto' (the checkpoint's, e.g. bf16 beside an fp32 memory):
+        # DeepSpeed takes fp32 parameters and keeps the master weights in fp32 whatever the
+        # precision; for bf16/fp16 it casts every parameter itself at initialize() (ZeRO-3:
+        # zero.Init holds them in that dtype and the copy below casts).
+        return RMTForCausalLM.from_backbone(cfg.model.init_from, dtype=torch.float32, **kwargs)
 
     if cfg.deepspeed.zero_stage != 3:
         return plain()

@@ -1,6 +1,15 @@
-"""What a run reports: TensorBoard scalars (SPEC 2.4), metrics.jsonl, train.log, progress bar.
+"""What a run reports: TensorBoard scalars (SPEC 2.4) and hparams, metrics.jsonl, train.log,
+progress.
 
 Only rank 0 writes; other ranks get a Monitor whose methods do nothing but log warnings.
+Progress: a tqdm bar when rank 0's stderr is a terminal and logging.progress_bar is true;
+otherwise (Slurm's slurm-*.out, CI logs, pipes) one plain log line, no '\r', at every
+logging.every-th step and at max_steps: step/max_steps, loss, tokens/s and the ETA from the
+average wall time per step since training (re)started, evals and checkpoints included
+(Hugging Face's own bars, e.g. model.init_from's "Loading weights", are turned off then too).
+At the end of a finished run, the HParams tab gets the resolved config's scalar settings
+(dotted keys: optim.lr, batch.global_batch_size, ...) and the final eval/* metrics (the last
+values of those scalar tags), so runs can be compared side by side.
 Scalar tags (TensorBoard groups by the prefix before '/'):
   train/loss, train/ppl, train/loss_segment_{i}, train/lr, train/grad_norm, train/skipped_steps,
   train/tokens_per_s, train/samples_seen, train/num_segments, train/step_time_s, train/mfu (GPU),
@@ -16,6 +25,8 @@ import logging
 import math
 import resource
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -70,6 +81,12 @@ def setup_logging(log_file: Optional[Path], rank: int) -> None:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(fmt)
         root.addHandler(handler)
+    if not sys.stderr.isatty():
+        # Hugging Face's own bars ("Loading weights" of model.init_from, hub downloads) would
+        # put '\r' lines into slurm-*.out and CI logs too.
+        import transformers.utils.logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def segment_scalars(prefix: str, segment_losses: list[float]) -> dict[str, float]:
@@ -79,10 +96,12 @@ def segment_scalars(prefix: str, segment_losses: list[float]) -> dict[str, float
 
 class Monitor:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress_bar: bool,
-                 start_step: int, max_steps: int):
+                 start_step: int, max_steps: int, every: int = 1):
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.every, self.start_step, self.max_steps = every, start_step, max_steps
+        self.started = time.perf_counter()
         self.metrics_file = None
         if not enabled:
             return
@@ -91,7 +110,7 @@ class Monitor:
 
             self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard))
         self.metrics_file = open(RunDir(run_dir).metrics, "a")
-        if progress_bar:
+        if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
@@ -113,10 +132,34 @@ class Monitor:
         self.metrics_file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self.metrics_file.flush()
 
-    def advance(self, steps: int, postfix: dict[str, str]) -> None:
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
+        """`step` is done: move the bar, or log a progress line at logging.every and the end."""
+        if not self.enabled:
+            return
+        loss = metrics["train/loss"]
         if self.bar is not None:
-            self.bar.update(steps)
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({"loss": f"{loss:.4f}", "seg": int(metrics["train/num_segments"])},
+                                 refresh=False)
+            return
+        if step % self.every and step != self.max_steps:
+            return
+        per_step = (time.perf_counter() - self.started) / max(step - self.start_step, 1)
+        eta = timedelta(seconds=round(per_step * (self.max_steps - step)))
+        log.info("step %d/%d  loss %.4f  tokens/s %.0f  ETA %s", step, self.max_steps, loss,
+                 metrics["train/tokens_per_s"], eta)
+
+    def hparams(self, settings: dict[str, object], metrics: dict[str, float]) -> None:
+        """The HParams tab: `settings`' int/float/bool/str values and the metric tags `metrics`
+        names, whose values TensorBoard takes from those scalars' last events in this run."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        scalars = {k: v for k, v in settings.items() if isinstance(v, (bool, int, float, str))}
+        for summary in hparams(scalars, metrics):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
 
     def close(self) -> None:
         if self.bar is not None:

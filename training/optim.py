@@ -1,9 +1,11 @@
-"""The optimizer's parameter groups and the learning-rate schedule (the optimizer itself,
-GuardedAdamW, belongs to the non-finite guard: training/guard.py)."""
+"""The optimizer's parameter groups, its fused-or-not arguments and the learning-rate schedule (the
+optimizer itself, GuardedAdamW, belongs to the non-finite guard: training/guard.py)."""
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Iterable
 
 import torch
 
@@ -18,6 +20,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         (decay if ndim >= 2 and name != "memory" else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw_kwargs(device_type: str, fused_devices: Iterable[str]) -> dict:
+    """Extra torch AdamW arguments for optimizer state on `device_type` ("cuda", "cpu", ...):
+    fused=True (one kernel for the whole update) on CUDA when this torch has the fused kernel
+    there (`fused_devices`: fused_adamw_devices()); elsewhere none, torch's default (foreach on
+    CUDA, the per-tensor loop on CPU), so CPU runs are unchanged."""
+    if device_type == "cuda" and "cuda" in fused_devices:
+        return {"fused": True}
+    return {}
+
+
+def fused_adamw_devices() -> tuple[str, ...]:
+    """Device types this torch's fused AdamW supports (empty if it has no fused flag)."""
+    if "fused" not in inspect.signature(torch.optim.AdamW).parameters:
+        return ()
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return ("cuda",)  # the fused flag came with CUDA support first (torch 2.0)
+    return tuple(_get_fused_kernels_supported_devices())
 
 
 def lr_at(step: int, cfg) -> float:

@@ -171,8 +171,11 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
         set_collective_timeout(cfg.distributed.timeout_s)  # set-up is over: training's bound
         monitor = Monitor(run_dir, enabled=dist.rank == 0, tensorboard=cfg.logging.tensorboard,
                           progress_bar=cfg.logging.progress_bar, start_step=trainer.step,
-                          max_steps=cfg.run.max_steps)
+                          max_steps=cfg.run.max_steps, every=cfg.logging.every)
         outcome = trainer.train(monitor)
+        if outcome == "done":
+            monitor.hparams(cfg.flat_dict(), {k: v for k, v in trainer.latest_metrics.items()
+                                              if k.startswith("eval/")})
     except NonFiniteAbort as e:
         log.error("%s", e)
         if monitor is not None:

@@ -34,7 +34,7 @@ from training.guard import GradientFlag, GuardedAdamW, classify_step
 from training.hooks import Hooks
 from training.model_init import build_model
 from training.monitor import Monitor, memory_gb, peak_flops_per_device, segment_scalars
-from training.optim import lr_at, param_groups
+from training.optim import adamw_kwargs, fused_adamw_devices, lr_at, param_groups
 from training.run_dir import RunDir, newest_complete
 from training.scoring import accuracies, answer_totals
 from training.signals import stop_signal_received
@@ -86,8 +86,11 @@ class Trainer:
             model.activation_checkpointing_enable()
         self.grads_nonfinite = GradientFlag(model)
 
+        # Where the optimizer state lives: the accelerator, or the CPU under ZeRO-Offload.
+        state_device = "cpu" if cfg.deepspeed.offload_optimizer else self.device.type
         optimizer = GuardedAdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                 **adamw_kwargs(state_device, fused_adamw_devices()))
         self.optimizer = optimizer
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=self.ds_config)
@@ -341,8 +344,7 @@ class Trainer:
             self.latest_metrics.update({k: v for k, v in metrics.items() if math.isfinite(v)})
             if self.step % cfg.logging.every == 0 or self.step == cfg.run.max_steps:
                 monitor.scalars(self.step, metrics, "train")
-            monitor.advance(1, {"loss": f"{metrics['train/loss']:.4f}",
-                                "seg": int(metrics["train/num_segments"])})
+            monitor.progress(self.step, metrics)
             if self.nonfinite_in_a_row >= cfg.guard.max_nonfinite_in_a_row:
                 raise NonFiniteAbort(
                     f"{self.nonfinite_in_a_row} non-finite steps in a row (guard."

@@ -53,6 +53,17 @@ class RunConfig:
         return out
 
 
+def flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, leaf) pairs of nested dicts, in order."""
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items += flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
 @dataclass
 class ModelConfig:
     backbone: dict = doc(text="Hugging Face config dict of the backbone (model_type + fields)",
@@ -186,7 +197,8 @@ class CheckpointConfig:
 class LoggingConfig:
     every: int = doc(10, "log train scalars every N steps")
     tensorboard: bool = doc(True, "write TensorBoard events to runs_dir/name/tensorboard")
-    progress_bar: bool = doc(True, "tqdm progress bar on rank 0")
+    progress_bar: bool = doc(True, "tqdm progress bar on rank 0 when its stderr is a terminal; "
+                             "otherwise (or false) a plain progress line every logging.every steps")
     peak_tflops: Optional[float] = doc(None, "per-device peak TFLOP/s for MFU; null = from the "
                                        "GPU name when known (MFU is GPU-only)")
 
@@ -252,6 +264,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def flat_dict(self) -> dict[str, object]:
+        """Every setting under its dotted key (optim.lr, ...); lists and nulls as they are."""
+        return dict(flatten(self.to_dict()))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,0 +1,30 @@
+"""model.init_from loads the backbone in the dtype DeepSpeed takes (fp32), whatever the
+checkpoint's dtype: no bf16 backbone beside an fp32 memory parameter."""
+
+import torch
+from safetensors.torch import load_file
+
+from model import RMTConfig, RMTForCausalLM
+
+
+def test_bf16_backbone_is_loaded_as_fp32_with_its_weights(tmp_path):
+    from training.config import load_config
+    from training.model_init import build_model
+
+    backbone = load_config(None, world_size=1).model.backbone
+    source = RMTForCausalLM(RMTConfig(backbone=backbone, segment_size=16, num_mem_tokens=8))
+    source.backbone.to(torch.bfloat16).save_pretrained(tmp_path / "backbone")
+    saved = load_file(tmp_path / "backbone" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # the checkpoint really is bf16
+
+    cfg = load_config(None, [f"model.init_from={tmp_path / 'backbone'}", "deepspeed.precision=fp32",
+                             "deepspeed.zero_stage=0"], world_size=1)
+    model = build_model(cfg, rank=0, ds_config={})
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert set(dtypes.values()) == {torch.float32}, dtypes
+    params = dict(model.backbone.named_parameters())
+    assert "memory" in dtypes
+    for name, tensor in saved.items():
+        if name in params:  # tied weights are saved once
+            assert torch.equal(params[name].detach(), tensor.to(torch.float32)), name
+    assert sum(name in params for name in saved) == len(saved)
