@@ -247,7 +247,7 @@ def test_real_deepspeed_launcher_two_ranks(tmp_path):
     reports = sorted((json.loads(line.split(" ", 1)[1]) for line in out.splitlines()
                       if line.startswith("PROBE ")), key=lambda r: r["rank"])
     assert [(r["rank"], r["world_size"], r["local_rank"], r["local_world_size"], r["launcher"],
-             r["sum"]) for r in reports] == [(0, 2, 0, 2, "deepspeed", 3.0), (1, 2, 1, 2, "deepspeed", 3.0)]
+             r["sum"]) for r in reports] == [(0, 2, 0, 2, "deepspeed", 3.0), (1, 2, 1, 2, "deepspeed", 3.0)], out[-4000:]
     assert all(r["device"] is None for r in reports)  # CPU: no accelerator ordinal
 
 

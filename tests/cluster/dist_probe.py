@@ -16,6 +16,13 @@ import torch  # noqa: E402
 from training.distributed import barrier, destroy, init_distributed  # noqa: E402
 
 
+def report(tag: str, values: dict) -> None:
+    # One write per line: ranks share the launcher's pipe, and print() writes its arguments and
+    # the newline separately, so two ranks' lines were seen interleaved ("PROBEPROBE {...}").
+    sys.stdout.write(f"{tag} {json.dumps(values)}\n")
+    sys.stdout.flush()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--timeout-s", type=float, default=100.0)
@@ -34,11 +41,10 @@ def main() -> int:
     try:
         torch.distributed.all_reduce(value)
     except Exception as err:  # the point of the stall/die modes: report how the collective failed
-        print("PROBE_ERROR", json.dumps({"rank": info.rank, "after_s": time.monotonic() - started,
-                                         "error": f"{type(err).__name__}: {err}"[:500]}), flush=True)
+        report("PROBE_ERROR", {"rank": info.rank, "after_s": time.monotonic() - started,
+                               "error": f"{type(err).__name__}: {err}"[:500]})
         os._exit(1)
-    print("PROBE", json.dumps({**info.__dict__, "sum": value.item(), "threads": torch.get_num_threads()}),
-          flush=True)
+    report("PROBE", {**info.__dict__, "sum": value.item(), "threads": torch.get_num_threads()})
     destroy()
     return 0
 
