@@ -38,13 +38,15 @@ B times the FLOPs of one sequence.
     python bench/step.py --profile gpu-350m --device cuda --lengths 16384     # micro batch 8
     python bench/step.py --profile gpu-1b --device cuda --lengths 65536 --micro-batch 2
     python bench/step.py --variants b c --lengths 4096 --op-profile     # where a step's time goes
-    python bench/step.py --variants b c --lengths 4096 --compile        # RMT variants via torch.compile
+    python bench/step.py --variants b c --lengths 4096 --compile        # RMT variants: model.compile's step
+    python bench/step.py --profile gpu-350m --device cuda --variants b --compile reduce-overhead  # + CUDA graphs
     python bench/step.py --variants a b m c --budget-mb 1700 --lengths 16384 --steps 9 --interleave
                                                       # speed ratios: variants alternated in one process
 
---compile runs the RMT variants' backbone decoder through torch.compile (a bench-only experiment);
-the compile happens in the warm-up,
-whose time is reported as warmup_s, apart from the timed step.
+--compile [MODE] compiles the RMT variants' segment step as the trainer's model.compile does
+(training/compile.py: RMTForCausalLM.segment_hidden, dynamic=False, fullgraph; MODE: torch.compile's
+mode, default "default"; reduce-overhead adds CUDA graphs); the baselines (c, d) stay eager. The
+compile happens in the warm-up, whose time is reported as warmup_s, apart from the timed step.
 """
 
 import argparse
@@ -62,7 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import RMTConfig, RMTForCausalLM  # noqa: E402
 from model.conventions import positions_per_segment  # noqa: E402
-from model.flops import backbone_training_flops  # noqa: E402
+from model.flops import backbone_training_flops, model_flops_utilization  # noqa: E402
 import allocator  # noqa: E402  (bench/allocator.py, beside this file)
 
 
@@ -85,6 +87,8 @@ PROFILES = {
     "gpu-350m": Profile(1024, 24, 16, 2816, 32000, 1024, 16, "bfloat16"),
     "gpu-1b": Profile(2048, 16, 32, 5632, 32000, 1024, 16, "bfloat16"),
 }
+# torch.compile modes (training/config: model.compile_mode; "default" = torch's default).
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 VARIANTS = {
     "a": "RMT, segment checkpointing",
     "t": "RMT, torch.utils.checkpoint per segment",
@@ -127,7 +131,8 @@ def add_rates(row: dict, profile: Profile, rate: float) -> None:
     micro_batch = row.get("micro_batch", 1)
     row["tokens_per_step"] = micro_batch * row["length"]
     row["tokens_per_s"] = row["tokens_per_step"] / row["step_s"]
-    row["mfu"] = step_flops(profile, row["variant"], row["length"], micro_batch) / row["step_s"] / rate
+    row["mfu"] = model_flops_utilization(step_flops(profile, row["variant"], row["length"], micro_batch),
+                                         row["step_s"], rate)
 
 
 # ----- one point, in its own process ------------------------------------------------------
@@ -146,9 +151,10 @@ def make_step(variant: str, profile: Profile, length: int, device, dtype, budget
         rmt.activation_checkpointing_enable({"use_reentrant": False, "determinism_check": "default"})
         assert rmt._checkpointed_step()[1]
     if compile_rmt and variant in "abmtu":
-        # An experiment, not a model option: it measured no clear gain (docs/benchmarks.md).
-        decoder = rmt.backbone.base_model
-        decoder.forward = torch.compile(decoder.forward)
+        # What the trainer's model.compile runs (one owner of the compile target and settings).
+        from training.compile import compile_segment_step
+
+        compile_segment_step(rmt, None if compile_rmt == "default" else compile_rmt)
     if variant in "abmtu":
         model = rmt
 
@@ -368,7 +374,6 @@ def matmul_rate(device, dtype, threads: int, size: int = 2048, seconds: float = 
 
 # ----- the driver -------------------------------------------------------------------------
 def run_driver(args):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     profile = PROFILES[args.profile]
     device = torch.device(args.device)
     rate = matmul_rate(device, getattr(torch, profile.dtype), args.threads)
@@ -440,7 +445,7 @@ def run_point_process(args, variant: str, length: int, env: dict):
     if not args.live_peak:
         cmd.append("--no-live-peak")
     if args.compile:
-        cmd.append("--compile")
+        cmd += ["--compile", args.compile]
     cmd += ["--clock", args.clock]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -493,8 +498,9 @@ def parse_args(argv=None):
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="step time as wall time, or as the process's CPU time (with --threads 1 this "
                         "barely depends on other load; tokens/s are then per CPU-second)")
-    parser.add_argument("--compile", action="store_true",
-                        help="RMT variants run their decoder through torch.compile (compile time: warmup_s)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                        help="RMT variants run their segment step through torch.compile as model.compile does, "
+                        "in this mode (default: 'default'); compile time: warmup_s")
     parser.add_argument("--op-profile", action="store_true",
                         help="instead of timing, print each variant's ops by self CPU time (one profiled step)")
     parser.add_argument("--interleave", action="store_true",
@@ -520,6 +526,9 @@ def parse_args(argv=None):
                      f"--micro-batch {args.micro_batch}: each must be >= 1")
     if "m" in args.variants and args.budget_mb is None:
         parser.error("variant m needs --budget-mb (the checkpoint memory budget in MiB)")
+    if args.compile in ("reduce-overhead", "max-autotune") and not args.device.startswith("cuda"):
+        parser.error(f"--compile {args.compile}: adds CUDA graphs, which need --device cuda; valid on "
+                     f"{args.device}: default, max-autotune-no-cudagraphs")
     if args.clock == "cpu" and args.device != "cpu":
         parser.error(f"--clock cpu measures host CPU time; with --device {args.device} use --clock wall")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -46,3 +46,9 @@ def training_flops(config, length: int, num_mem_tokens: int | None = None) -> fl
         backbone_training_flops(backbone, positions_per_segment(t, m), t)
         for t in (min(seg, length - start) for start in range(0, length, seg))
     )
+
+
+def model_flops_utilization(flops: float, seconds: float, device_flops_per_s: float, devices: int = 1) -> float:
+    """MFU: model FLOPs of a step (training_flops x sequences) / (its seconds x devices x one
+    device's FLOP/s: a spec peak, or a GEMM rate measured on it as bench/step.py does)."""
+    return flops / (seconds * devices * device_flops_per_s)

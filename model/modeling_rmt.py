@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .checkpoint_budget import CheckpointBudget
 from .configuration_rmt import RMT_SETTINGS, RMTConfig
 from .generation_rmt import RMTDecodingState, decode_tokens
+from .memory_noise import perturbed
 from .segment_loss import HeadGradient, lm_loss_sum
 from .segment_recompute import RecomputedSegment, recompute_rng_setting
 from .segments import loss_targets, segment_layout
@@ -140,16 +141,13 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         self._gradient_checkpointing_func = gradient_checkpointing_func if enable else None
 
     # ----- forward ----------------------------------------------------------------------
-    def _segment_step(
-        self, memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from, fuse_loss=False, head_grad=None, position=0
-    ):
-        """One segment: (memory_in [B,M,D], tokens, targets [B,T] or None, mask [B,T] or None)
-        -> (loss_sum, num_tokens, memory_out [B,M,D], logits [B,T-logits_from,V] or None).
+    def segment_hidden(self, memory, seg_ids, seg_embeds, seg_mask):
+        """The backbone part of one segment step: (memory_in [B,M,D], tokens [B,T] or embeddings
+        [B,T,D], mask [B,T] or None) -> (token hidden states [B,T,D], memory_out [B,M,D]).
 
-        fuse_loss: the loss computes its gradients in forward (segment_loss.FusedLinearCrossEntropy),
-        when config.fused_segment_loss allows it. Not in the forward of a checkpointed segment:
-        its backward recomputes it (where the fused loss does run), so those products would be
-        paid twice. head_grad, position: the step's HeadGradient and this segment's index in it."""
+        Tensors in and out, no Python state: the step's compile target (training/compile.py). The
+        loss stays outside: the fused loss takes its gradients in forward and adds the head's into
+        a step-wide buffer (HeadGradient), side effects a captured graph cannot hold."""
         if seg_embeds is None:
             seg_embeds = self.get_input_embeddings()(seg_ids)
         length = seg_embeds.shape[1]
@@ -168,11 +166,23 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         if real_tokens is not None:
             # A segment that is all padding (left-padded prompts) leaves the memory unchanged.
             new_memory = torch.where((real_tokens > 0)[:, None, None], new_memory, memory)
+        return token_hidden, new_memory
 
+    def _segment_step(
+        self, memory, seg_ids, seg_embeds, seg_targets, seg_mask, logits_from, fuse_loss=False, head_grad=None, position=0
+    ):
+        """One segment: (memory_in [B,M,D], tokens, targets [B,T] or None, mask [B,T] or None)
+        -> (loss_sum, num_tokens, memory_out [B,M,D], logits [B,T-logits_from,V] or None).
+
+        fuse_loss: the loss computes its gradients in forward (segment_loss.FusedLinearCrossEntropy),
+        when config.fused_segment_loss allows it. Not in the forward of a checkpointed segment:
+        its backward recomputes it (where the fused loss does run), so those products would be
+        paid twice. head_grad, position: the step's HeadGradient and this segment's index in it."""
+        token_hidden, new_memory = self.segment_hidden(memory, seg_ids, seg_embeds, seg_mask)
         lm_head = self.get_output_embeddings()
         if seg_targets is None:
-            loss_sum = hidden.new_zeros((), dtype=torch.float32)
-            num_tokens = torch.zeros((), dtype=torch.long, device=hidden.device)
+            loss_sum = token_hidden.new_zeros((), dtype=torch.float32)
+            num_tokens = torch.zeros((), dtype=torch.long, device=token_hidden.device)
         else:
             loss_sum, num_tokens = lm_loss_sum(
                 lm_head, token_hidden, seg_targets, self.config.loss_chunk_size,
@@ -274,17 +284,9 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
     def _perturb_memory(self, memory):
-        sigma = self.config.memory_noise
-        if not (self.training and sigma):
+        if not (self.training and self.config.memory_noise):
             return memory
-        rms = memory.detach().float().pow(2).mean(-1, keepdim=True).sqrt().to(memory.dtype)  # [B, M, 1]
-        noise = sigma * rms * torch.randn_like(memory)
-        prob = self.config.memory_noise_prob
-        if prob < 1:
-            # Drawn after the noise, so prob = 1 draws exactly what it always did.
-            noisy = torch.rand(memory.shape[0], 1, 1, device=memory.device) < prob  # [B, 1, 1]
-            noise = noise * noisy.to(noise.dtype)
-        return memory + noise
+        return perturbed(memory, self.config.memory_noise, self.config.memory_noise_prob)
 
     def _initial_memory(self, batch: int, memory):
         return memory if memory is not None else self.memory.unsqueeze(0).expand(batch, -1, -1)

@@ -43,6 +43,8 @@ def test_trained_rmt_beats_its_no_memory_controls_by_a_wide_margin(tmp_path_fact
     printed = capsys.readouterr().out
     assert "memory_reset" in printed and "8/8 samples agree" in printed  # 2 segment counts x 4 checks
     report = json.loads((out / "copy.json").read_text())
+    if not torch.cuda.is_available():  # the defaults: the CPU in fp32
+        assert (report["device"], report["dtype"]) == ("cpu", "fp32")
     two = report["results"][0]
     assert two["num_segments"] == 2 and two["samples"] == 64
     # Chance for the whole answer is (1/4)^3 = 0.016: memory solves it, the controls cannot.
@@ -53,10 +55,11 @@ def test_trained_rmt_beats_its_no_memory_controls_by_a_wide_margin(tmp_path_fact
     assert report["generate_check"] == {"samples": 8, "agree": 8}
     assert_png(out / "copy.png", min_width=400)
 
-    # The exported folder (remote code, no training package involved) scores the same samples alike.
+    # The exported folder (remote code, no training package involved) scores the same samples alike,
+    # on the CPU in fp32 said explicitly.
     folder_report, json_path, _ = evaluate.evaluate(evaluate.EvalSettings(
         model=run / "export", task="copy", segments=[2], samples=64, generate_checks=0,
-        data=str(run / "config.yaml"), out=tmp_path / "export_eval"))
+        data=str(run / "config.yaml"), out=tmp_path / "export_eval", device="cpu", dtype="fp32"))
     assert folder_report["model"]["kind"] == "export"
     assert folder_report["results"][0]["rmt"] == two["rmt"]
     assert folder_report["results"][0]["no_memory"] == two["no_memory"]
@@ -183,12 +186,25 @@ def test_text_evaluation_by_segments_and_index(tmp_path):
     assert three["rmt"]["loss"] == pytest.approx(loss_sum / targets, abs=1e-5)
     assert three["rmt"]["ppl"] == pytest.approx(torch.tensor(loss_sum / targets).exp().item(), rel=1e-5)
 
+    # --dtype bf16 really evaluates in bf16: the same batches, close to fp32 but not bit-equal.
+    settings.dtype, settings.out = "bf16", tmp_path / "eval_bf16"
+    half, _, _ = evaluate.evaluate(settings)
+    assert (half["device"], half["dtype"]) == ("cpu", "bf16")
+    for condition in evaluate.CONDITIONS:
+        fp32_loss, bf16_loss = three[condition]["loss"], half["results"][1][condition]["loss"]
+        assert half["results"][1][condition]["targets"] == three[condition]["targets"]
+        assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2) and bf16_loss != fp32_loss, condition
+
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "sort"], "invalid choice: 'sort'"),
     (["--task", "copy", "--segments", "2,x"], "give a comma-separated list of integers"),
     (["--task", "copy", "--segments", "0,2"], "--segments [0, 2]: give a comma-separated list of integers >= 1"),
     (["--task", "text"], "--data: required for --task text with an exported folder"),
+    (["--task", "copy", "--dtype", "half"], "--dtype 'half': valid values are auto, fp32, bf16, fp16"),
+    (["--task", "copy", "--device", "tpu"], "--device 'tpu': valid values are auto, cpu, cuda or cuda:N"),
+    pytest.param(["--task", "copy", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_bad_input_is_reported_before_loading(tmp_path_factory, args, message, capsys):
     run = tiny_run(tmp_path_factory)

@@ -150,12 +150,14 @@ def test_zero3_export_reloads_in_fresh_process_with_engine_logits(run, probe, tm
 
 
 def test_older_step_sharded_over_an_old_export_with_true_card(run, tmp_path):
-    """Acceptance 2, and what the trainer does at the end of a resumed run (overwrite=True)."""
+    """Acceptance 2, and what the trainer does at the end of a resumed run (overwrite=True); in
+    bf16 (issue 21, acceptance 5: export can write bf16 weights; its reload check runs in bf16)."""
     out = tmp_path / "hf"
     out.mkdir()
     (out / "stale.txt").write_text("from an older export")
-    result = export.export_run(run, out, step=125, max_shard_size="200KB", overwrite=True)
-    assert result.step == 125 and result.max_abs_logit_diff <= 1e-5
+    result = export.export_run(run, out, step=125, max_shard_size="100KB", overwrite=True, dtype="bf16")
+    assert result.step == 125 and result.dtype == "bf16"
+    assert result.max_abs_logit_diff <= export.RELOAD_ATOL["bf16"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging or set-aside folder left
 
     files = {p.name for p in out.iterdir()}
@@ -167,7 +169,9 @@ def test_older_step_sharded_over_an_old_export_with_true_card(run, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_rmt.RMTConfig",
                                   "AutoModelForCausalLM": "modeling_rmt.RMTForCausalLM"}
-    # The shards hold exactly the step-125 weights (consolidated independently by DeepSpeed's own tool).
+    assert config["dtype"] == "bfloat16"
+    # The shards hold exactly the step-125 weights (consolidated independently by DeepSpeed's own
+    # tool), rounded to bf16.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     expected = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000125")
@@ -175,9 +179,9 @@ def test_older_step_sharded_over_an_old_export_with_true_card(run, tmp_path):
     for shard in sorted(shards):
         written.update(load_file(str(out / shard)))
     assert written.keys() == expected.keys()
-    assert all(torch.equal(written[k], expected[k]) for k in expected)
+    assert all(written[k].dtype == torch.bfloat16 and torch.equal(written[k], expected[k].bfloat16()) for k in expected)
     later = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=f"step_{TINY_RUN_STEPS:08d}")
-    assert not torch.equal(later["memory"], written["memory"])
+    assert not torch.equal(later["memory"].bfloat16(), written["memory"])
 
     state = json.loads((run / "checkpoints" / "step_00000125" / "client_state.json").read_text())
     card = (out / "README.md").read_text()
@@ -187,7 +191,7 @@ def test_older_step_sharded_over_an_old_export_with_true_card(run, tmp_path):
     assert f"| train/loss | {state['metrics']['train/loss']:.4f} |" in card
     for line in ("| memory tokens (m) | 8 |", "| segment size (S) | 16 |", "| layers | 2 |",
                  "| hidden size (d) | 64 |", "| BPTT depth (k) | full |", "- `memory_tasks.tasks`: [copy]",
-                 "- `memory_tasks.span_length`: 3", f'repo = "{out}"'):
+                 "- `memory_tasks.span_length`: 3", f'repo = "{out}"', "dtype=torch.bfloat16)"):
         assert line in card, line
     assert f"| parameters | {sum(t.numel() for t in expected.values()):,} |" in card
 
@@ -205,10 +209,31 @@ def test_occupied_out_is_refused_before_any_work(run, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--step", "7"], "--step 7: no complete checkpoint at that step; complete steps are [125, 250]"),
     (["--push-to-hub", "not a repo id"], "--push-to-hub 'not a repo id': not a valid repo id"),
+    (["--device", "gpu"], "--device 'gpu': valid values are auto, cpu, cuda or cuda:N"),
+    (["--dtype", "fp64"], "--dtype 'fp64': valid values are auto, fp32, bf16, fp16"),
+    pytest.param(["--device", "cuda:0"], "--device cuda:0: no CUDA GPU is visible here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    pytest.param(["--dtype", "fp16", "--device", "cpu"], "--dtype fp16: not supported on the CPU"),
 ])
 def test_bad_arguments_exit_2_naming_the_flag(run, tmp_path, capsys, args, message):
     assert export.main(["--run", str(run), "--out", str(tmp_path / "x"), *args]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_export_section_in_the_run_config_is_refused_before_any_work(run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "runs" / "tiny"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["export"] = {"license": "Apache License 2.0", "tags": []}
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert export.main(["--run", str(copy), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy / 'config.yaml'}: export.license: 'Apache License 2.0' is not a hub license identifier" in err
     assert not (tmp_path / "x").exists()
 
 

@@ -1,6 +1,7 @@
-"""`--push-to-hub` against a local stand-in for the hub's HTTP API (issue 7, acceptance 3).
+"""`--push-to-hub` against a local stand-in for the hub's HTTP API (issue 7, acceptance 3; issue
+21, acceptance 1: the card's metadata and HfApi.upload_folder).
 
-The stand-in implements only what huggingface_hub's create_repo + create_commit call:
+The stand-in implements only what huggingface_hub's create_repo + upload_folder call:
 repo creation, README metadata validation, preupload (every file answered "regular", so the
 content travels inline in the commit) and the ndjson commit. It checks the bearer token on
 every request and keeps what was committed, so the test can compare it with the folder.
@@ -8,16 +9,19 @@ every request and keeps what was committed, so the test can compare it with the 
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from huggingface_hub import constants as hub_constants
+from huggingface_hub import ModelCard, constants as hub_constants
 import pytest
+import torch
 import yaml
+from safetensors.torch import load as load_safetensors
 
-from test_export_helpers import REPO_ROOT, repo_env, tiny_run
+from test_export_helpers import REPO_ROOT, TINY_RUN_STEPS, repo_env, tiny_run
 
 from training import export
 
@@ -116,30 +120,62 @@ def hub():
 
 
 def test_push_to_hub_uploads_the_verified_folder_and_never_leaks_the_token(tmp_path_factory, tmp_path, hub):
-    run = tiny_run(tmp_path_factory)
+    trained = tiny_run(tmp_path_factory)
+    # The same run with an export section in its saved config: the card's license and tags come from it.
+    run = tmp_path / "runs" / "tiny"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("export"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["export"] = {"license": "mit", "tags": ["long-context", "rmt"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     out = tmp_path / "hf"
     env = repo_env(HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf_home"))
     del env["HF_HUB_OFFLINE"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "training.export", "--run", str(run), "--step", "125", "--out", str(out),
+    proc = subprocess.run(  # default --device/--dtype: the CPU in fp32 here
+        [sys.executable, "-m", "training.export", "--run", str(run), "--out", str(out),
          "--push-to-hub", "alice/tiny-rmt", "--private"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"pushed: {hub.endpoint}/alice/tiny-rmt/commit/" in proc.stdout
+    # stderr is a pipe: no progress bars (DeepSpeed's consolidation, transformers, huggingface_hub).
+    for bar in ("Loading checkpoint shards", "Gathering sharded weights", "Loading weights", "it/s]"):
+        assert bar not in proc.stderr, proc.stderr[-2000:]
 
     assert hub.repos["alice/tiny-rmt"]["visibility"] == "private"
     assert all(authorised for method, path, authorised in hub.requests if path != "/api/agent-harnesses")
     [(repo_id, header, files)] = hub.commits
-    assert repo_id == "alice/tiny-rmt" and "step 125" in header["summary"]
+    assert repo_id == "alice/tiny-rmt" and f"step {TINY_RUN_STEPS}" in header["summary"]
     local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert files == local
-    assert hub.card_metadata == [{"library_name": "transformers", "pipeline_tag": "text-generation",
-                                  "tags": ["rmt", "recurrent-memory-transformer", "custom_code"]}]
     assert 'repo = "alice/tiny-rmt"' in local["README.md"].decode()
+
+    # The card's metadata, read back as the hub reads it and as huggingface_hub parses it.
+    metrics = json.loads((run / "checkpoints" / f"step_{TINY_RUN_STEPS:08d}" / "client_state.json").read_text())["metrics"]
+    eval_metrics = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    assert {"eval/loss", "eval/memory_exact_match_2seg"} <= set(eval_metrics)
+    front = yaml.safe_load(local["README.md"].decode().split("---\n")[1])
+    assert hub.card_metadata == [front]
+    assert front["license"] == "mit" and front["library_name"] == "transformers"
+    assert front["tags"] == ["rmt", "recurrent-memory-transformer", "custom_code", "long-context"]
+    assert "base_model" not in front  # model.init_from was null
+    [index] = front["model-index"]
+    assert index["name"] == "alice/tiny-rmt"
+    assert {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]} == eval_metrics
+    card = ModelCard.load(out / "README.md")
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results} == eval_metrics
+    assert card.data.license == "mit"
+
+    # CPU defaults write the fp32 weights exactly as DeepSpeed's own tool consolidates them.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    expected = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=f"step_{TINY_RUN_STEPS:08d}")
+    uploaded = load_safetensors(files["model.safetensors"])
+    assert json.loads(files["config.json"])["dtype"] == "float32"
+    assert uploaded.keys() == expected.keys()
+    assert all(uploaded[k].dtype == torch.float32 and torch.equal(uploaded[k], expected[k]) for k in expected)
 
     # The token reaches the hub in the Authorization header only: not the console, not any file.
     assert TOKEN not in proc.stdout + proc.stderr
-    for folder in (run, out, tmp_path / "hf_home"):
+    for folder in (trained, run, out, tmp_path / "hf_home"):
         for path in folder.rglob("*"):
             if path.is_file():
                 assert TOKEN.encode() not in path.read_bytes(), path

@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from training.config import load_config
-from training.guard import NONFINITE, OK, OVERFLOW, classify_step
+from training.guard import NONFINITE, OK, OVERFLOW, GradientFlag, classify_step
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -65,3 +66,17 @@ def test_fp16_settings_reach_deepspeed_and_are_validated():
                                               "deepspeed.initial_scale_power=40"], world_size=2)
     report = e.value.report()
     assert "deepspeed.min_loss_scale: 0" in report and "deepspeed.initial_scale_power: 40" in report
+
+
+def test_gradient_flag_is_a_device_tensor_set_by_any_nonfinite_gradient():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    flag = GradientFlag(model, torch.device("cpu"))
+    x = torch.randn(3, 4)
+    model(x).sum().backward()
+    assert isinstance(flag.flag, torch.Tensor) and not flag
+    (model(x) * float("nan")).sum().backward()
+    assert flag
+    flag.zero_()
+    assert not flag
+    (model(x) * float("inf")).sum().backward()  # an infinite gradient counts too
+    assert flag

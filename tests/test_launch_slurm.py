@@ -4,7 +4,8 @@ The script's header asks for 2 nodes x 8 GPUs; the sbatch command line overrides
 CPU-only node, as a user would on a CPU cluster. One chain of jobs on one run directory (each job
 start costs tens of seconds on 2 cores):
   job 1   `scancel --signal=TERM` mid-run   -> complete checkpoint, exit 0
-  job 2   resubmitted with `sbatch --wait`   -> resumes from job 1's checkpoint; then the time-limit
+  job 2   resubmitted with `sbatch --wait` on 1 task instead of 2 (issue 22: elastic resume)
+                                             -> resumes from job 1's checkpoint; then the time-limit
           warning (SIGUSR1 to the batch shell) -> checkpoint, the script requeues the job, the
           requeued job resumes again and finishes with every output (job state COMPLETED, 0:0).
   Job 1 is submitted with `sbatch --wait`, which exits 0 once the signalled job has saved.
@@ -18,13 +19,18 @@ from tests.cluster.poll import wait_until
 from tests.cluster.runs import complete_steps, resumed_step, tiny_args, train_log
 
 CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10"]
+# Slurm keeps a requeued job's task count (seen with 22.05: `scontrol update NumTasks=1` on the
+# pending job changes neither SLURM_NTASKS nor what srun starts), so a smaller allocation means a
+# resubmission with fewer tasks, which then requeues itself like any job.
+ONE_TASK = [*CPU_NODE[:1], "--ntasks-per-node=1", *CPU_NODE[2:]]
 JOB_TIMEOUT_S = 300
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 CHECKPOINTS = ["checkpoint.every=3", "checkpoint.keep_last=100"]
 
 
-def submit(cluster, repo_root, out_dir, args, wait=False, script="launch/pretrain.sh"):
-    job_id, proc = cluster.sbatch([*CPU_NODE, f"--output={out_dir}/slurm-%j.out", script, *args],
+def submit(cluster, repo_root, out_dir, args, wait=False, script="launch/pretrain.sh",
+           node=CPU_NODE):
+    job_id, proc = cluster.sbatch([*node, f"--output={out_dir}/slurm-%j.out", script, *args],
                                   cwd=repo_root, wait=wait)
     return job_id, proc, out_dir / f"slurm-{job_id}.out"
 
@@ -58,12 +64,18 @@ def test_sbatch_preemption_resubmission_and_requeue_resume_to_full_outputs(slurm
     assert 3 <= first_stop < 5000
     assert f"stopped on signal, checkpoint saved at step {first_stop}" in train_log(run_dir)
 
-    # Job 2: the same run resubmitted; it must resume from job 1's checkpoint, not start over.
+    # Job 2: the same run resubmitted on fewer tasks (1 instead of 2: issue 22, the allocation
+    # came back smaller); it must resume from job 1's checkpoint, not start over, through the
+    # universal checkpoint, with the recipe's global batch (accumulation 2 instead of 1).
     final_step = first_stop + 15  # room for the signal to land mid-run, few periodic saves after it
     job2, sbatch_wait, out2 = submit(slurm_cluster, repo_root, tmp_path,
-                                     tiny_args(runs, "sb", final_step, *CHECKPOINTS), wait=True)
+                                     tiny_args(runs, "sb", final_step, *CHECKPOINTS), wait=True,
+                                     node=ONE_TASK)
     wait_for_checkpoint_after(slurm_cluster, job2, run_dir, first_stop, out2)
     assert resumed_step(run_dir) == [first_stop]
+    assert "on 1 rank(s) (slurm)" in train_log(run_dir)
+    assert "written by 2 rank(s) with ZeRO-3, through" in train_log(run_dir)
+    assert (run_dir / "checkpoints" / f"step_{first_stop:08d}" / "universal" / "COMPLETE").is_file()
     # Time-limit warning, as `--signal=B:USR1@180` delivers it: to the batch shell only.
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job2)])
     wait_until(lambda: slurm_cluster.job_field(job2, "Restarts") == "1", JOB_TIMEOUT_S, "the job to requeue", out2)

@@ -2,12 +2,13 @@
 non-finite guard's veto (GuardedAdamW.step) holds for the fused implementation too."""
 
 import copy
+import types
 
 import pytest
 import torch
 
 from training.guard import GuardedAdamW
-from training.optim import adamw_kwargs, fused_adamw_devices
+from training.optim import adamw_kwargs, build_optimizer, fused_adamw_devices
 
 
 def test_fused_only_for_cuda_state_when_torch_has_the_kernel():
@@ -47,3 +48,16 @@ def test_veto_holds_with_fused_adamw():
     for fused_p, plain_p, old in zip(model.parameters(), reference.parameters(), before):
         assert not torch.equal(fused_p, old)
         torch.testing.assert_close(fused_p, plain_p)  # the same update as the default AdamW
+
+
+def test_without_offload_the_trainer_gets_torch_adamw_with_the_recipes_settings():
+    """(Under ZeRO-Offload it gets DeepSpeed's CPU Adam: tests/test_offload_cpu_adam.py.)"""
+    model = _model_and_grads()
+    optim = types.SimpleNamespace(lr=2e-3, betas=[0.9, 0.95], eps=1e-6, weight_decay=0.1)
+    opt = build_optimizer(model, optim, "cpu", offload=False)
+    assert type(opt) is GuardedAdamW
+    decay, no_decay = opt.param_groups
+    assert [p.shape for p in decay["params"]] == [(8, 8), (2, 8)] and decay["weight_decay"] == 0.1
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 2  # the biases
+    assert (decay["lr"], decay["betas"], decay["eps"]) == (2e-3, (0.9, 0.95), 1e-6)
+    assert not decay["fused"]  # CPU state: torch's default implementation

@@ -28,7 +28,9 @@ from tests.test_data_text import write_jsonl
 from tests.test_reliability_helpers import train_losses
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+# BABILong recipes need segments long enough for a story: tests/test_babilong_run.py shrinks and
+# runs them with their own sizes.
+RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("babilong"))
 TEXT_RECIPES = [r for r in RECIPES
                 if (yaml.safe_load(r.read_text()).get("data") or {}).get("source") == "text"]
 LAUNCHER = "launch/pretrain.sh"

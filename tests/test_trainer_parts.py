@@ -13,38 +13,58 @@ import torch
 from training import scoring
 from training.data.memory_tasks import answer_accuracy, make_eval_batch
 from training.hooks import Hooks
-from training.step_stats import StepStats, step_metrics
+from training.step_stats import StepStats, StepSums, step_metrics
 
 
 def stats(loss_sum, seg_sums, seg_counts, **flags) -> StepStats:
     return StepStats(loss_sum, flags.get("loss_nonfinite", 0.0), flags.get("stop", 0.0),
-                     flags.get("grads_nonfinite", 0.0),
-                     torch.tensor(seg_sums, dtype=torch.float64),
+                     flags.get("grads_nonfinite", 0.0), flags.get("targets", 0.0),
+                     flags.get("mismatch", 0.0), torch.tensor(seg_sums, dtype=torch.float64),
                      torch.tensor(seg_counts, dtype=torch.float64))
 
 
 def test_pack_is_one_vector_and_sums_like_the_stats():
-    a = stats(3.5, [1.0, 2.5], [2, 3], stop=1.0)
-    b = stats(0.0, [0.5, 0.0], [1, 0], grads_nonfinite=1.0)
-    assert a.pack().shape == (8,) and a.pack().dtype == torch.float64
+    a = stats(3.5, [1.0, 2.5], [2, 3], stop=1.0, targets=5.0)
+    b = stats(0.0, [0.5, 0.0], [1, 0], grads_nonfinite=1.0, targets=1.0, mismatch=2.0)
+    assert a.pack().shape == (10,) and a.pack().dtype == torch.float64
     total = StepStats.unpack(a.pack() + b.pack())  # what the all-reduce (a sum) hands back
-    assert (total.loss_sum, total.loss_nonfinite, total.stop_requested, total.grads_nonfinite) \
-        == (3.5, 0.0, 1.0, 1.0)
+    assert (total.loss_sum, total.loss_nonfinite, total.stop_requested, total.grads_nonfinite,
+            total.targets, total.target_mismatch) == (3.5, 0.0, 1.0, 1.0, 6.0, 2.0)
     assert total.segment_loss_sums.tolist() == [1.5, 2.5]
     assert total.segment_counts.tolist() == [3, 3]
     back = StepStats.unpack(a.pack())
     assert back.loss_sum == a.loss_sum and torch.equal(back.pack(), a.pack())
 
 
-def test_add_segments_weights_by_target_counts():
-    s = StepStats.empty(3)
-    out = types.SimpleNamespace(segment_losses=torch.tensor([2.0, math.nan, 1.0]),
-                                segment_token_counts=torch.tensor([4, 0, 2]))
-    s.add_segments(out)
-    s.add_segments(out)
-    assert s.segment_loss_sums.tolist() == [16.0, 0.0, 4.0]
-    losses = s.segment_losses()
+def _out(seg_losses, seg_counts):
+    counts = torch.tensor(seg_counts)
+    return types.SimpleNamespace(segment_losses=torch.tensor(seg_losses),
+                                 segment_token_counts=counts, num_tokens=counts.sum())
+
+
+def test_device_sums_weight_segments_by_target_counts_and_pack_like_step_stats():
+    s = StepSums(3, torch.device("cpu"))
+    out = _out([2.0, math.nan, 1.0], [4, 0, 2])
+    s.add(out, torch.tensor(10.0, dtype=torch.float32), expected_targets=6)
+    s.add(out, torch.tensor(0.25, dtype=torch.float32), expected_targets=9)  # model says 6: off by 3
+    packed = s.pack(torch.tensor(False), stop_requested=True, targets=15)
+    back = StepStats.unpack(packed)
+    assert (back.loss_sum, back.loss_nonfinite, back.stop_requested, back.grads_nonfinite,
+            back.targets, back.target_mismatch) == (10.25, 0.0, 1.0, 0.0, 15.0, 3.0)
+    assert back.segment_loss_sums.tolist() == [16.0, 0.0, 4.0]
+    losses = back.segment_losses()
     assert losses[0] == 2.0 and math.isnan(losses[1]) and losses[2] == 1.0
+
+
+def test_device_sums_zero_the_loss_of_a_nonfinite_rank_and_flag_it():
+    # A NaN must not reach the other ranks' all-reduced loss sum; the flags say which kind.
+    for loss, grads_bad, flags in ((math.nan, False, (1.0, 0.0)), (2.0, True, (0.0, 1.0)),
+                                   (math.inf, True, (1.0, 1.0)), (2.0, False, (0.0, 0.0))):
+        s = StepSums(1, torch.device("cpu"))
+        s.add(_out([1.0], [2]), torch.tensor(loss))
+        back = StepStats.unpack(s.pack(torch.tensor(grads_bad)))
+        assert (back.loss_nonfinite, back.grads_nonfinite) == flags
+        assert back.loss_sum == (0.0 if any(flags) else 2.0)
 
 
 METRIC_ARGS = dict(total_targets=4, lr=1e-3, grad_norm=0.5, skipped_steps=2, samples_seen=16,

@@ -23,11 +23,12 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from training import elastic
 from training.run_dir import (CLIENT_STATE_FILE, COMPLETE_MARKER, RMT_CONFIG_FILE, RunDir,
                               complete_checkpoints, rank_file_name, read_json, step_dir_name,
                               step_dirs)
@@ -71,12 +72,11 @@ def file_sizes(ckpt_dir: Path) -> dict[str, int]:
             if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(".")}
 
 
-def verify_checkpoint(ckpt_dir: Path, world_size: int, reshard: bool) -> dict:
-    """Check a complete checkpoint before anything loads it; return its client state.
+def verify_checkpoint_files(ckpt_dir: Path) -> dict:
+    """Check a complete checkpoint's files against its manifest; return its client state.
 
     Raises CheckpointError naming the folder/file when the marker is missing or not a manifest,
-    a file is missing or has another size than when it was saved (truncated, replaced), or the
-    checkpoint was written by another number of ranks (without data.reshard)."""
+    or a file is missing or has another size than when it was saved (truncated, replaced)."""
     marker = ckpt_dir / COMPLETE_MARKER
     if not marker.is_file():
         raise CheckpointError(f"{ckpt_dir}: no {COMPLETE_MARKER} marker, so it is not a complete "
@@ -100,15 +100,24 @@ def verify_checkpoint(ckpt_dir: Path, world_size: int, reshard: bool) -> dict:
                                   f"(truncated or replaced); resume from another checkpoint "
                                   f"(checkpoint.resume=PATH) or move it away")
     client_state = read_json(ckpt_dir / CLIENT_STATE_FILE)
-    saved_world = client_state.get("world_size")
-    if not isinstance(saved_world, int):
+    if not isinstance(client_state.get("world_size"), int):
         raise CheckpointError(f"{ckpt_dir / CLIENT_STATE_FILE}: no world_size; the folder was "
                               f"not written by training.pretrain")
-    if saved_world != world_size and not (reshard and world_size <= saved_world):
-        raise CheckpointError(
-            f"{ckpt_dir}: written by {saved_world} rank(s), this job has {world_size}; launch "
-            f"{saved_world} rank(s)" + ("" if reshard or world_size > saved_world else
-                                        " or set data.reshard=true"))
+    return client_state
+
+
+def verify_checkpoint(ckpt_dir: Path, world_size: int, reshard: bool, *,
+                      zero_stage: Optional[int] = None, global_batch_size: Optional[int] = None,
+                      text_data: bool = False) -> dict:
+    """verify_checkpoint_files, then whether this job (world size, ZeRO stage, global batch,
+    data) can continue it (training.elastic); return its client state. `zero_stage` None: the
+    checkpoint's (no stage change)."""
+    client_state = verify_checkpoint_files(ckpt_dir)
+    why = elastic.refusal(client_state, world_size=world_size, zero_stage=zero_stage,
+                          global_batch_size=global_batch_size, text_data=text_data,
+                          reshard=reshard)
+    if why:
+        raise CheckpointError(f"{ckpt_dir}: {why}")
     return client_state
 
 
@@ -131,10 +140,11 @@ def rng_state() -> dict:
     return state
 
 
-def seed_rng(seed: int, rank: int) -> None:
+def seed_rng(seed: int, rank: int, step: int = 0) -> None:
     """Seed torch (CUDA included), numpy and random from (seed, rank) alone: what setup drew from
-    them before differs between ranks and launchers, and dropout and memory noise draw from torch."""
-    mixed = (seed * 1_000_003 + rank) % 2**32
+    them before differs between ranks and launchers, and dropout and memory noise draw from torch.
+    `step` > 0: the RNG re-derived after a change of world size (training.elastic)."""
+    mixed = (elastic.rederived_seed(seed, step) * 1_000_003 + rank) % 2**32
     torch.manual_seed(mixed)
     np.random.seed(mixed)
     random.seed(mixed)
@@ -201,9 +211,14 @@ class CheckpointManager:
             if step not in keep and step < done[-1]:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def load(self, engine, ckpt: Path) -> tuple[dict, dict]:
-        """Restore the engine; return (client_state, this rank's state)."""
+    def load(self, engine, ckpt: Path, universal: Optional[Path] = None) -> tuple[dict, dict]:
+        """Restore the engine; return (client_state, this rank's state). `universal`: the
+        checkpoint's universal folder (training.universal), for a job on another world size or
+        ZeRO stage; this rank's state is then the one of the saved rank with the same number, or
+        rank 0's (the caller re-derives what depends on the rank)."""
         rank_path = ckpt / rank_file_name(self.rank)
+        if universal is not None and not rank_path.is_file():
+            rank_path = ckpt / rank_file_name(0)
         if not rank_path.is_file():
             saved = sorted(p.name for p in ckpt.glob("rank_*.json"))
             raise CheckpointError(
@@ -211,13 +226,35 @@ class CheckpointManager:
                 f"world size the checkpoint was written with ({len(saved)})")
         client_state = read_json(ckpt / CLIENT_STATE_FILE)
         rank_state = read_json(rank_path)
+        load_dir, tag = (ckpt.parent, ckpt.name) if universal is None else (ckpt, universal.name)
+        # DeepSpeed reads the universal layout only when its engine config says so; the flag is
+        # raised for this one load (the engine's later saves and loads are native).
+        engine._config.load_universal_checkpoint = universal is not None
+        # DeepSpeed's ZeRO-3 universal load gives every param group the hyperparameters of the
+        # first (weight decay included, so the no-decay group would decay); they come from the
+        # config, not the checkpoint, so the ones the engine was built with are put back.
+        groups = [{k: v for k, v in g.items() if k != "params"}
+                  for g in engine.optimizer.param_groups]
         try:
-            load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name,
+            load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag,
                                                   load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
-        except (OSError, EOFError, RuntimeError, KeyError, ValueError) as e:
+        except (OSError, EOFError, RuntimeError, KeyError, ValueError, IndexError,
+                AssertionError) as e:  # DeepSpeed asserts on layouts it cannot read
             raise CheckpointError(f"{ckpt}: DeepSpeed could not load it ({type(e).__name__}: "
                                   f"{e})") from e
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if universal is not None:
+            for group, hyper in zip(engine.optimizer.param_groups, groups):
+                group.update(hyper)
+            # ZeRO-3's universal load hands one step tensor to every sub-group's Adam state;
+            # torch's AdamW increments it in place, once per sub-group, so without own copies
+            # the bias correction runs ahead (seen: loss off by 2.7e-3 after 6 steps on 1 rank).
+            inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+            for state in inner.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         if load_path is None:
             raise CheckpointError(f"{ckpt}: DeepSpeed could not load it")
         return client_state, rank_state

@@ -1,7 +1,8 @@
 """Evaluate an RMT (exported folder or training run) against its no-memory controls.
 
-    python -m training.evaluate --model DIR_OR_RUN --task copy|reverse|assoc|text
+    python -m training.evaluate --model DIR_OR_RUN --task copy|reverse|assoc|text|babilong-qa1
                                 [--segments 1,2,4,8,16,32] [--data CONFIG_OR_TEXT] [--out DIR]
+                                [--device auto|cpu|cuda|cuda:N] [--dtype auto|fp32|bf16|fp16]
 
 Every number comes with its controls, computed on the same samples with the same weights:
   rmt           the model as trained: memory carried from segment to segment
@@ -11,7 +12,7 @@ Every number comes with its controls, computed on the same samples with the same
 Memory tasks: exact match of the whole answer per sample (teacher-forced argmax over the answer
 span, which equals greedy generation's exact match; a few samples are re-checked with real
 `generate`) and token accuracy, by number of segments. Text: loss and perplexity by number of
-segments and by segment index. Prints a table, writes JSON and a PNG plot.
+segments and by segment index. babilong-*: see training/eval_babilong.py. Prints a table, writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ import torch.nn.functional as F
 
 from model import IGNORE_INDEX
 from model.segments import shifted_targets
-from training import run_dir
+from training import eval_babilong, run_dir
 from training import scoring
+from training.compute import ComputeError, add_compute_args, quiet_hub_progress_bars, resolve_compute
 from training.eval_report import format_table, plot
 from training.run_dir import ModelSource, load_model
 
 CONDITIONS = ("rmt", "no_memory", "memory_reset")
-TASKS = {"copy": "copy", "reverse": "reverse", "assoc": "associative_retrieval", "text": "text"}
+TASKS = {"copy": "copy", "reverse": "reverse", "assoc": "associative_retrieval", "text": "text",
+         **eval_babilong.BABILONG_TASKS}
 
 
 class EvalError(Exception):
@@ -54,6 +57,8 @@ class EvalSettings:
     batch_size: int = 32
     generate_checks: int = 4  # memory tasks: samples re-checked with generate() per segment count
     seed: int = 0
+    device: str = "auto"  # training/compute.py
+    dtype: str = "auto"
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -136,6 +141,7 @@ def _backbone_segment_logits(model, input_ids, attention_mask) -> torch.Tensor:
 def segment_logits(model, condition: str, input_ids, attention_mask) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(start, end, logits [B, end-start, V]) per segment under one of CONDITIONS."""
     segment_size = model.config.segment_size
+    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     memory = None
     for start in range(0, input_ids.shape[1], segment_size):
         end = min(start + segment_size, input_ids.shape[1])
@@ -150,8 +156,9 @@ def segment_logits(model, condition: str, input_ids, attention_mask) -> Iterator
 
 
 def predictions(model, condition: str, input_ids, attention_mask) -> torch.Tensor:
-    """Greedy next-token prediction at every position [B, L]."""
-    return torch.cat([lg.argmax(-1) for _, _, lg in segment_logits(model, condition, input_ids, attention_mask)], 1)
+    """Greedy next-token prediction at every position [B, L], on the CPU (where the labels are)."""
+    return torch.cat([lg.argmax(-1) for _, _, lg in segment_logits(model, condition, input_ids, attention_mask)],
+                     1).cpu()
 
 
 # --------------------------------------------------------------------------- memory tasks
@@ -187,23 +194,23 @@ def generated_exact_match(model, input_ids: torch.Tensor, labels: torch.Tensor, 
         positions = (labels[row] != IGNORE_INDEX).nonzero().flatten().tolist()
         ok = True
         for start, end in answer_runs(positions):
-            prompt = input_ids[row : row + 1, :start]
+            prompt = input_ids[row : row + 1, :start].to(model.device)
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=end - start,
                                  do_sample=False, pad_token_id=pad_token_id)
-            generated = out[0, start:]
+            generated = out[0, start:].cpu()
             ok = ok and generated.shape[0] == end - start and torch.equal(generated, labels[row, start:end])
         matches.append(ok)
     return matches
 
 
-def evaluate_memory_task(model, tokenizer, settings: EvalSettings, task_cfg) -> dict:
+def evaluate_memory_task(model, tokenizer, settings: EvalSettings, task_cfg, batches=None) -> dict:
     from training.data.memory_tasks import make_eval_batch
 
     task = TASKS[settings.task]
     rows = []
     checks = {"samples": 0, "agree": 0}
     for n_seg in settings.segments:
-        batch = make_eval_batch(task, n_seg, model.config.segment_size, settings.samples, settings.seed, cfg=task_cfg)
+        batch = (batches or make_eval_batch)(task, n_seg, model.config.segment_size, settings.samples, settings.seed, task_cfg)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         totals = {c: torch.zeros(3, dtype=torch.long) for c in CONDITIONS}  # exact, correct, answer tokens
         rmt_exact = []
@@ -235,14 +242,14 @@ def evaluate_memory_task(model, tokenizer, settings: EvalSettings, task_cfg) -> 
 
 def segment_token_losses(model, condition: str, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss sum [N], target count [N]) per segment index, targets shifted over the whole sequence."""
-    targets = shifted_targets(labels, attention_mask)
+    targets = shifted_targets(labels, attention_mask).to(model.device)
     sums, counts = [], []
     for start, end, logits in segment_logits(model, condition, input_ids, attention_mask):
         y = targets[:, start:end]
         sums.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                     reduction="sum"))
         counts.append((y != IGNORE_INDEX).sum())
-    return torch.stack(sums).double(), torch.stack(counts)
+    return torch.stack(sums).double().cpu(), torch.stack(counts).cpu()
 
 
 def evaluate_text(model, tokenizer, settings: EvalSettings, data_cfg) -> dict:
@@ -306,18 +313,23 @@ def single_task_config(data_cfg, task: str, segments: list[int], segment_size: i
 def evaluate(settings: EvalSettings) -> tuple[dict, Path, Path]:
     """Run the evaluation; returns (report, json path, png path). Inputs are checked before loading."""
     settings.validate()
+    compute = resolve_compute(settings.device, settings.dtype)  # ComputeError: bad input, too
     source = find_model(settings.model)
     data_cfg = load_data_config(settings, source)
-    if settings.task != "text":
+    data_cfg = eval_babilong.babilong_data_config(settings.task, data_cfg)  # babilong-*: narrowed, checked
+    if settings.task != "text" and settings.task not in eval_babilong.BABILONG_TASKS:
         task_cfg = single_task_config(data_cfg, TASKS[settings.task], settings.segments, source.segment_size)
     out_dir = settings.out or default_out_dir(source)
-    loaded = load_model(source)
+    quiet_hub_progress_bars()
+    loaded = load_model(source, compute.device, compute.dtype)
     model = loaded.model
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with torch.no_grad():
         if settings.task == "text":
             body = evaluate_text(model, loaded.tokenizer, settings, data_cfg)
+        elif settings.task in eval_babilong.BABILONG_TASKS:
+            body = eval_babilong.evaluate_babilong(model, loaded.tokenizer, settings, data_cfg, evaluate_memory_task)
         else:
             body = evaluate_memory_task(model, loaded.tokenizer, settings, task_cfg)
     report = {
@@ -326,6 +338,7 @@ def evaluate(settings: EvalSettings) -> tuple[dict, Path, Path]:
         "segment_size": model.config.segment_size,
         "num_mem_tokens": model.config.num_mem_tokens,
         "seed": settings.seed,
+        **compute.describe(),
         "conditions": {
             "rmt": "memory carried across segments",
             "no_memory": "backbone alone on each segment, no memory tokens",
@@ -364,6 +377,7 @@ def parse_args(argv=None) -> EvalSettings:
     parser.add_argument("--generate-checks", type=int, default=4,
                         help="memory tasks: samples per segment count re-checked with generate()")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out samples / eval stream")
+    add_compute_args(parser)
     args = parser.parse_args(argv)
     return EvalSettings(**vars(args))
 
@@ -372,7 +386,7 @@ def main(argv=None) -> int:
     settings = parse_args(argv)
     try:
         report, json_path, png_path = evaluate(settings)
-    except EvalError as exc:
+    except (EvalError, ComputeError, eval_babilong.BabilongInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(report))

@@ -1,6 +1,7 @@
 """Export a training checkpoint as a Hugging Face model folder, verify it, optionally upload it.
 
     python -m training.export --run runs/NAME [--step N] --out DIR [--push-to-hub REPO_ID [--private]]
+                              [--device auto|cpu|cuda|cuda:N] [--dtype auto|fp32|bf16|fp16]
 
 Steps: consolidate the (any ZeRO stage) DeepSpeed checkpoint into one fp32 state dict, load it
 into `RMTForCausalLM` built from the checkpoint's `rmt_config.json`, write safetensors + config
@@ -8,11 +9,15 @@ with `auto_map` + modeling code + tokenizer + generation config + model card int
 sibling folder, reload that folder in a fresh interpreter that cannot import this repository
 and compare its logits with the checkpoint model's, and only then rename it to `--out`.
 Nothing half-written ever appears under `--out`.
+
+The weights are written in --dtype and both sides of the reload check run on --device in that
+dtype (default: a visible GPU in bf16, else the CPU in fp32, which writes fp32 weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -22,9 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.compute import Compute, ComputeError, add_compute_args, quiet_hub_progress_bars, resolve_compute
+from training.config.sections import ExportConfig
 from training.export_verify import RELOAD_ATOL, ExportVerificationError, verify_in_fresh_process
 from training.model_card import model_card
-from training.run_dir import (CLIENT_STATE_FILE, RMT_CONFIG_FILE, RunDirError, load_checkpoint_model,
+from training.run_dir import (CLIENT_STATE_FILE, RMT_CONFIG_FILE, RunDir, RunDirError, load_checkpoint_model,
                               load_tokenizer, read_json, read_run_config, resolve_checkpoint)
 
 log = logging.getLogger("training.export")
@@ -42,6 +49,7 @@ class ExportResult:
     max_abs_logit_diff: float
     files: list[str]
     loaded_class: str
+    dtype: str = "fp32"
     commit_url: str | None = None
 
 
@@ -85,7 +93,21 @@ def read_inputs(run_dir: Path, step: int | None) -> ExportInputs:
         if "step" not in client_state:
             raise ExportError(f"{checkpoint_dir / CLIENT_STATE_FILE}: no 'step' field")
         read_json(checkpoint_dir / RMT_CONFIG_FILE)
-        return ExportInputs(checkpoint_dir, client_state, read_run_config(run_dir), load_tokenizer(run_dir))
+        run_config = read_run_config(run_dir)
+        check_export_section(RunDir(run_dir).config, run_config)
+        return ExportInputs(checkpoint_dir, client_state, run_config, load_tokenizer(run_dir))
+
+
+def check_export_section(config_path: Path, run_config: dict) -> None:
+    """The run's `export` section (model card license and tags), as the config gate checks it; a
+    config.yaml written before the section existed has none and gets its defaults."""
+    section = run_config.get("export") or {}
+    valid = ", ".join(f.name for f in dataclasses.fields(ExportConfig))
+    if not isinstance(section, dict) or set(section) - {f.name for f in dataclasses.fields(ExportConfig)}:
+        raise ExportError(f"{config_path}: export: {section!r} must be a mapping with keys among {valid}")
+    problems = ExportConfig(**section).problems()
+    if problems:
+        raise ExportError(f"{config_path}: " + "; ".join(problems))
 
 
 def resolve_hub_token() -> str:
@@ -112,11 +134,12 @@ def check_hub_target(repo_id: str) -> str:
 # --------------------------------------------------------------------------- consolidate
 
 
-def consolidate(inputs: ExportInputs):
-    """The checkpoint's RMTForCausalLM (fp32, eval mode), generation settings from the tokenizer."""
+def consolidate(inputs: ExportInputs, compute: Compute):
+    """The checkpoint's RMTForCausalLM (eval mode) on the device in the dtype to export, with
+    generation settings from the tokenizer."""
     log.info("consolidating %s", inputs.checkpoint_dir)
     with _bad_input():
-        model = load_checkpoint_model(inputs.checkpoint_dir)
+        model = load_checkpoint_model(inputs.checkpoint_dir, compute.device, compute.dtype)
     configure_generation(model, inputs.tokenizer)
     return model
 
@@ -134,13 +157,13 @@ def configure_generation(model, tokenizer) -> None:
 # --------------------------------------------------------------------------- write + verify
 
 
-def write_folder(model, tokenizer, card: str, folder: Path, max_shard_size: str) -> None:
+def write_folder(model, tokenizer, card, folder: Path, max_shard_size: str) -> None:
     # Ship model/*.py as remote code with auto_map, whichever classes the model package registered.
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
-    (folder / "README.md").write_text(card)
+    card.save(folder / "README.md")
     written = {p.name for p in folder.iterdir()}
     if not any(name.endswith(".safetensors") for name in written) or any(
         name.endswith((".bin", ".pt", ".pth")) for name in written
@@ -168,7 +191,7 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def write_verified(model, tokenizer, card: str, out_dir: Path, max_shard_size: str) -> tuple[float, str]:
+def write_verified(model, tokenizer, card, out_dir: Path, max_shard_size: str) -> tuple[float, str]:
     """Write into a temporary sibling of `out_dir`, verify it, and only then move it to `out_dir`;
     returns (max |logit diff|, the reloaded class). On any failure the staging folder is removed."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -188,17 +211,12 @@ def write_verified(model, tokenizer, card: str, out_dir: Path, max_shard_size: s
 
 
 def push_folder(folder: Path, repo_id: str, private: bool, token: str, message: str) -> str:
-    """One commit holding every file of the folder; returns the commit URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """One commit holding every file of the folder (HfApi.upload_folder); returns the commit URL."""
+    from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    operations = [
-        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    ]
-    info = api.create_commit(repo_id, operations=operations, commit_message=message, repo_type="model")
+    info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message, repo_type="model")
     return info.commit_url
 
 
@@ -213,23 +231,33 @@ def export_run(
     private: bool = False,
     max_shard_size: str = "5GB",
     overwrite: bool = False,
+    device: str = "cpu",
+    dtype: str = "fp32",
 ) -> ExportResult:
     """Export the newest (or `step`) complete checkpoint of `run_dir` to `out_dir`; see module doc.
 
     overwrite=True replaces an existing export only once the new one is verified (the trainer
-    re-exports runs/NAME/export at the end of a resumed run).
+    re-exports runs/NAME/export at the end of a resumed run). `device`/`dtype` take the CLI's
+    values (training/compute.py); called from Python the export stays on the CPU in fp32 (the
+    trainer's end-of-run export keeps the fp32 weights and leaves the GPUs alone).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     # Every input check comes before consolidation, the expensive part.
+    try:
+        compute = resolve_compute(device, dtype)
+    except ComputeError as exc:
+        raise ExportError(str(exc)) from None
     check_output_dir(out_dir, overwrite)
     inputs = read_inputs(run_dir, step)
     token = check_hub_target(push_to_hub) if push_to_hub is not None else None
 
-    model = consolidate(inputs)
+    quiet_hub_progress_bars()
+    model = consolidate(inputs, compute)
     card = model_card(model, inputs.tokenizer, inputs.client_state, inputs.run_config, push_to_hub or str(out_dir))
     diff, loaded_class = write_verified(model, inputs.tokenizer, card, out_dir, max_shard_size)
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-    result = ExportResult(out_dir, inputs.checkpoint_dir, int(inputs.client_state["step"]), diff, files, loaded_class)
+    result = ExportResult(out_dir, inputs.checkpoint_dir, int(inputs.client_state["step"]), diff, files, loaded_class,
+                          compute.dtype_name)
     log.info("exported step %d to %s (reload max |dlogit| = %.2e)", result.step, out_dir, diff)
     if push_to_hub is not None:
         result.commit_url = push_folder(
@@ -249,6 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="upload the verified folder (token from HF_TOKEN or the login cache)")
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    add_compute_args(parser)
     args = parser.parse_args(argv)
     if args.private and args.push_to_hub is None:
         parser.error("--private only applies with --push-to-hub")
@@ -261,7 +290,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        result = export_run(args.run, args.out, args.step, args.push_to_hub, args.private, args.max_shard_size)
+        result = export_run(args.run, args.out, args.step, args.push_to_hub, args.private, args.max_shard_size,
+                            device=args.device, dtype=args.dtype)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -269,7 +299,8 @@ def main(argv=None) -> int:
         print(f"export verification failed: {exc}", file=sys.stderr)
         return 1
     print(f"exported {result.checkpoint_dir} (step {result.step}) -> {result.out_dir}")
-    print(f"  reloaded as {result.loaded_class}; max |logit diff| {result.max_abs_logit_diff:.2e} <= {RELOAD_ATOL}")
+    print(f"  {result.dtype} weights, reloaded as {result.loaded_class}; max |logit diff| "
+          f"{result.max_abs_logit_diff:.2e} <= {RELOAD_ATOL[result.dtype]}")
     print("  files: " + ", ".join(result.files))
     if result.commit_url:
         print(f"  pushed: {result.commit_url}")

@@ -3,7 +3,7 @@
 Every rank flags a non-finite loss and, separately, non-finite gradients (`GradientFlag`: tensor
 hooks on every parameter, before any reduction); the trainer all-reduces both flags, so every
 rank classifies the step the same way (`classify_step`), and a skipped step is vetoed in the
-optimizer (`GuardedAdamW`):
+optimizer (`VetoableStep`: torch's AdamW, or DeepSpeed's CPU Adam under ZeRO-Offload):
 
   ok          finite loss and gradients: apply the update.
   overflow    fp16 only: finite loss, non-finite gradients, loss scale above its minimum. This
@@ -65,28 +65,42 @@ def classify_step(loss_finite: bool, grads_finite: bool, precision: str,
     return StepVerdict(NONFINITE if at_min else OVERFLOW, at_min)
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW whose next step can be vetoed: the trainer sets `skip_next_step` when any rank saw a
-    non-finite loss or gradient. DeepSpeed (every ZeRO stage) calls this `step` for the update,
-    so a vetoed step changes neither weights nor moments nor Adam's step count."""
+class VetoableStep:
+    """Mixin for an optimizer whose next step can be vetoed: the trainer sets `skip_next_step`
+    when any rank saw a non-finite loss or gradient. DeepSpeed (every ZeRO stage, and the
+    ZeRO-Offload CPU step) calls the optimizer's `step` for the update, so a vetoed step changes
+    neither weights nor moments nor Adam's step count. The veto is decided on the host before
+    any kernel runs, so it holds for every implementation (torch's loop, foreach, fused, and
+    DeepSpeed's CPU Adam)."""
 
     skip_next_step = False
 
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):
         if self.skip_next_step:
             return None
-        return super().step(closure)
+        return super().step(*args, **kwargs)
+
+
+class GuardedAdamW(VetoableStep, torch.optim.AdamW):
+    """torch's AdamW with the guard's veto (training/cpu_adam.py: DeepSpeed's CPU Adam with it)."""
 
 
 class GradientFlag:
     """Flags non-finite gradients as they arrive, on this rank, before any reduction: a tensor
-    hook on every trainable parameter. `zero_()` before a step's backward, `bool()` after it."""
+    hook on every trainable parameter. The flag is a tensor on `device` updated by tensor ops
+    only, so the hooks never wait for the device (a host read per gradient serialised the whole
+    backward on a GPU); the trainer reads it once, packed into the step's all-reduced vector.
+    `zero_()` before a step's backward; `flag` (or `bool()`, a host read) after it."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.flag = torch.zeros((), dtype=torch.bool)
+    def __init__(self, model: torch.nn.Module, device: Optional[torch.device] = None):
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
 
         def check(grad: torch.Tensor) -> torch.Tensor:
-            self.flag |= ~torch.isfinite(grad).all().cpu()
+            bad = ~torch.isfinite(grad).all()
+            if bad.device != self.flag.device:
+                # Only a copy TO the host must wait; one towards the device is queued.
+                bad = bad.to(self.flag.device, non_blocking=self.flag.device.type != "cpu")
+            self.flag.logical_or_(bad)
             return grad
 
         for p in model.parameters():

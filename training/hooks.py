@@ -10,7 +10,12 @@ these points only; the stack itself registers nothing. Hook points and what a ho
       hook returns the loss to backpropagate (the same tensor, or one that replaces it).
   checkpoint_phase(phase, rank, step)
       At each point of a checkpoint save, in order (training.checkpoint.SAVE_PHASES). `step` is
-      the step being saved.
+      the step being saved. A resume on another world size or ZeRO stage reports the phases of
+      its conversion to the universal format here too (training.universal.CONVERT_PHASES, rank
+      0, `step` the checkpoint's).
+  after_resume(engine, rank, step)
+      Once a checkpoint is loaded, before the first step: `engine` the DeepSpeed engine holding
+      the restored weights and optimizer state, `step` the restored step.
 
 Plugins: `RMT_PLUGINS=pkg.mod[,pkg.other]` names modules that every training process imports
 when its Trainer is built; each must define `register(hooks: Hooks)`, which calls
@@ -24,7 +29,7 @@ import os
 from typing import Callable, Mapping
 
 PLUGINS_ENV = "RMT_PLUGINS"
-HOOK_POINTS = ("after_forward", "checkpoint_phase")
+HOOK_POINTS = ("after_forward", "checkpoint_phase", "after_resume")
 
 
 class Hooks:
@@ -55,3 +60,7 @@ class Hooks:
     def checkpoint_phase(self, phase: str, rank: int, step: int) -> None:
         for fn in self._hooks["checkpoint_phase"]:
             fn(phase=phase, rank=rank, step=step)
+
+    def after_resume(self, engine, rank: int, step: int) -> None:
+        for fn in self._hooks["after_resume"]:
+            fn(engine=engine, rank=rank, step=step)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPOSITORY_PACKAGES = ("model", "training")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None) -> int:
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", required=True, help="safetensors: input_ids, attention_mask, prompt_ids")
     parser.add_argument("--max-new-tokens", type=int, required=True)
     parser.add_argument("--out", required=True, help="safetensors file to write")
+    parser.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda:0, ...)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype to load the weights in")
     args = parser.parse_args(argv)
 
     importable = [name for name in REPOSITORY_PACKAGES if importlib.util.find_spec(name) is not None]
@@ -35,9 +38,9 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
-    model.eval()
-    probe = load_file(args.probe)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=DTYPES[args.dtype])
+    model.to(args.device).eval()
+    probe = {k: v.to(args.device) for k, v in load_file(args.probe).items()}
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
         generated = model.generate(
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
             min_new_tokens=args.max_new_tokens,
             do_sample=False,
         )
-    save_file({"logits": logits.float().contiguous(), "generated": generated.contiguous()}, args.out)
+    save_file({"logits": logits.float().cpu().contiguous(), "generated": generated.cpu().contiguous()}, args.out)
     sample_text = "Recurrent memory."
     report = {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",

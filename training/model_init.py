@@ -4,6 +4,8 @@ checkpoint's dtype, so every parameter, memory included, has one dtype), ZeRO-3 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from training.config import TrainConfig
@@ -32,7 +34,7 @@ def build_model(cfg: TrainConfig, rank: int, ds_config: dict) -> torch.nn.Module
         return RMTForCausalLM.from_backbone(cfg.model.init_from, dtype=torch.float32, **kwargs)
 
     if cfg.deepspeed.zero_stage != 3:
-        return plain()
+        return compiled(plain(), cfg)
     reference = plain() if rank == 0 else None
     rmt_config = RMTConfig(**{**cfg.model.rmt_kwargs(), "backbone": cfg.model.resolved_backbone()})
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -42,4 +44,16 @@ def build_model(cfg: TrainConfig, rank: int, ds_config: dict) -> torch.nn.Module
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
                 param.data.copy_(source[name].data)
-    return model
+    return compiled(model, cfg)
+
+
+def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """The model with its segment step compiled when `model.compile` asks for it (training/compile.py)."""
+    if not cfg.model.compile:
+        return model
+    from training.compile import compile_segment_step
+
+    logging.getLogger("training").info(
+        "model.compile: segment step compiled (torch.compile, mode %s; the first steps compile)",
+        cfg.model.compile_mode or "default")
+    return compile_segment_step(model, cfg.model.compile_mode)

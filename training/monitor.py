@@ -1,5 +1,5 @@
 """What a run reports: TensorBoard scalars (SPEC 2.4) and hparams, metrics.jsonl, train.log,
-progress.
+progress, and with logging.wandb the same scalars and the config to W&B (training.wandb_sink).
 
 Only rank 0 writes; other ranks get a Monitor whose methods do nothing but log warnings.
 Progress: a tqdm bar when rank 0's stderr is a terminal and logging.progress_bar is true;
@@ -16,6 +16,7 @@ Scalar tags (TensorBoard groups by the prefix before '/'):
   train/loss_scale (fp16),
   system/memory_gb (GPU: peak allocated; CPU: resident set size),
   eval/loss, eval/loss_segment_{i}, eval/memory_exact_match_{n}seg, eval/memory_token_acc_{n}seg
+  (babilong: eval/babilong_{task}_exact_match_{n}seg, ..._token_acc_{n}seg)
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ def segment_scalars(prefix: str, segment_losses: list[float]) -> dict[str, float
 
 class Monitor:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress_bar: bool,
-                 start_step: int, max_steps: int, every: int = 1):
+                 start_step: int, max_steps: int, every: int = 1, wandb=None):
+        """`wandb`: rank 0's W&B run (training.wandb_sink.open_wandb), or None."""
         self.enabled = enabled
         self.writer = None
+        self.wandb = wandb if enabled else None
         self.bar = None
         self.every, self.start_step, self.max_steps = every, start_step, max_steps
         self.started = time.perf_counter()
@@ -128,6 +131,8 @@ class Monitor:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, values)
         # repr-exact floats: the resume test compares losses bit for bit.
         self.metrics_file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self.metrics_file.flush()
@@ -168,3 +173,6 @@ class Monitor:
             self.writer.close()
         if self.metrics_file is not None:
             self.metrics_file.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None  # the W&B run finishes once, however often close() is called

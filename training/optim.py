@@ -1,13 +1,40 @@
-"""The optimizer's parameter groups, its fused-or-not arguments and the learning-rate schedule (the
-optimizer itself, GuardedAdamW, belongs to the non-finite guard: training/guard.py)."""
+"""The optimizer (`build_optimizer`: which AdamW, with its parameter groups and fused-or-not
+arguments) and the learning-rate schedule. The veto every variant carries belongs to the
+non-finite guard (training/guard.py)."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Iterable
 
 import torch
+
+from training.guard import GuardedAdamW
+
+log = logging.getLogger("training")
+
+
+def build_optimizer(model: torch.nn.Module, optim, state_device: str, offload: bool):
+    """The trainer's AdamW for `model` (`optim`: the config's optim section).
+
+    offload (ZeRO-Offload, state on the CPU): DeepSpeed's CPU Adam (training/cpu_adam.py); where
+    its op cannot be built or loaded (no compiler, an unsupported CPU), torch's AdamW, with one
+    warning saying why. Otherwise torch's AdamW, fused where `state_device` has the kernel."""
+    groups = param_groups(model, optim.weight_decay)
+    adam = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    if offload:
+        try:
+            from training.cpu_adam import GuardedCPUAdam
+
+            return GuardedCPUAdam(groups, **adam)
+        except (ImportError, OSError, RuntimeError) as e:
+            cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
+            log.warning("deepspeed.offload_optimizer: DeepSpeed's CPU Adam is unavailable here: "
+                        "%s%s; using torch's AdamW on the CPU instead (same update, slower)",
+                        e, cause)
+    return GuardedAdamW(groups, **adam, **adamw_kwargs(state_device, fused_adamw_devices()))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -87,7 +87,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=".*(all_gather_into_tensor|reduce_scatter_tensor).*")
     args = parse_args(argv)
+    from training.agent_watch import die_with_agent
     from training.signals import install_stop_signal_handlers
+    die_with_agent()  # an orphaned worker would keep writing into the run folder
     install_stop_signal_handlers()
     rank_hint = launch_rank()
     from deepspeed.accelerator import get_accelerator
@@ -122,7 +124,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         # `auto` never falls back to an older checkpoint or to a fresh start behind the user's back.
         resume_from = resolve_resume(RunDir(cfg.run_dir).checkpoints, cfg.checkpoint.resume)
         if resume_from is not None:
-            verify_checkpoint(resume_from, dist.world_size, cfg.data.reshard)
+            # Another world size or ZeRO stage continues through the universal format when the
+            # global batch and the data can continue exactly (training.elastic).
+            verify_checkpoint(resume_from, dist.world_size, cfg.data.reshard,
+                              zero_stage=cfg.deepspeed.zero_stage,
+                              global_batch_size=cfg.batch.for_world(dist.world_size)
+                              .global_batch_size, text_data=cfg.data.source != "memory_tasks")
     except CheckpointError as e:
         destroy()
         return fail(f"cannot resume: {e}", dist.rank)
@@ -140,9 +147,11 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
     """Train; returns (exit status, outcome: 'done' | 'preempted' | 'failed')."""
     from training.checkpoint import CheckpointError
     from training.data.errors import DataSourceError, DataStateError
+    from training.data.rank0_first import resolve_rank0_first
     from training.distributed import barrier, set_collective_timeout
     from training.monitor import Monitor, setup_logging
     from training.trainer import EXIT_NONFINITE, NonFiniteAbort, Trainer
+    from training.wandb_sink import WandbError, open_wandb
 
     run_dir = cfg.run_dir
     if dist.rank == 0:
@@ -155,13 +164,17 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
              cfg.batch.describe(dist.world_size), where(cfg))
 
     trainer = Trainer(cfg, dist)
-    monitor = None
+    monitor = wandb_run = None
     try:
         try:
             # What the config gate cannot see offline (a hub tokenizer or dataset that is not in
             # the local cache and turns out missing) fails here, on every rank alike: bad input.
+            # Hub datasets first: rank 0 resolves them while the others wait (rank0_first.py).
+            resolve_rank0_first(cfg.data, dist.rank)
+            # W&B before the model: missing credentials stop every rank here (wandb_sink.py).
+            wandb_run = open_wandb(cfg, dist.rank, resumed=resume_from is not None)
             trainer.setup()
-        except DataSourceError as e:
+        except (DataSourceError, WandbError) as e:
             return fail(f"cannot start: {e}", dist.rank), "failed"
         try:
             if resume_from is not None:
@@ -171,7 +184,7 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
         set_collective_timeout(cfg.distributed.timeout_s)  # set-up is over: training's bound
         monitor = Monitor(run_dir, enabled=dist.rank == 0, tensorboard=cfg.logging.tensorboard,
                           progress_bar=cfg.logging.progress_bar, start_step=trainer.step,
-                          max_steps=cfg.run.max_steps, every=cfg.logging.every)
+                          max_steps=cfg.run.max_steps, every=cfg.logging.every, wandb=wandb_run)
         outcome = trainer.train(monitor)
         if outcome == "done":
             monitor.hparams(cfg.flat_dict(), {k: v for k, v in trainer.latest_metrics.items()
@@ -189,6 +202,8 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
     finally:
         if monitor is not None:
             monitor.close()
+        elif wandb_run is not None:
+            wandb_run.close()  # set-up failed after the W&B run started
         trainer.close()
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(trainer.latest_metrics.items())
                         if k.startswith("eval/"))

@@ -5,6 +5,8 @@
       train.log                    rank 0's log (training.monitor)
       metrics.jsonl                one JSON line of metrics per logged step (training.monitor)
       tensorboard/                 event files (rank 0)
+      wandb_run_id                 the W&B run a resumed run continues (logging.wandb)
+      wandb/                       W&B's local files (logging.wandb, when WANDB_DIR is not set)
       tokenizer/                   the run's tokenizer (AutoTokenizer.from_pretrained loads it)
       checkpoints/step_XXXXXXXX/   one checkpoint, written by training.checkpoint:
         rmt_config.json            RMTConfig.to_dict() of the model being trained
@@ -21,8 +23,11 @@ is training.checkpoint's.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,6 +36,7 @@ CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
@@ -55,6 +61,7 @@ class RunDir:
         self.log = self.path / LOG_FILE
         self.metrics = self.path / METRICS_FILE
         self.tensorboard = self.path / TENSORBOARD_DIR
+        self.wandb_id = self.path / WANDB_ID_FILE
         self.tokenizer = self.path / TOKENIZER_DIR
         self.checkpoints = self.path / CHECKPOINTS_DIR
         self.export = self.path / EXPORT_DIR
@@ -163,15 +170,33 @@ def load_tokenizer(run_dir: Path):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
+@contextmanager
+def _tqdm_off_unless_terminal(module):
+    """DeepSpeed's zero_to_fp32 draws tqdm bars ("Loading checkpoint shards", "Gathering sharded
+    weights") and has no switch for them; into a log file every redraw is noise. Its module's
+    `tqdm` is swapped for a disabled one while it runs, unless stderr is a terminal."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        yield
+        return
+    original = module.tqdm
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
 def consolidate_checkpoint(checkpoint_dir: Path) -> dict:
     """One fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage."""
     import torch
 
     if any(checkpoint_dir.glob("*_optim_states.pt")):
         # ZeRO 1-3: the fp32 master partitions live in the optimizer files of every rank.
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils import zero_to_fp32
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+        with _tqdm_off_unless_terminal(zero_to_fp32):
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent),
+                                                                         tag=checkpoint_dir.name)
     model_states = checkpoint_dir / "mp_rank_00_model_states.pt"
     if model_states.is_file():
         # ZeRO 0: rank 0 saved the whole module.
@@ -180,8 +205,9 @@ def consolidate_checkpoint(checkpoint_dir: Path) -> dict:
     raise RunDirError(f"{checkpoint_dir}: neither *_optim_states.pt (ZeRO 1-3) nor mp_rank_00_model_states.pt (ZeRO 0)")
 
 
-def load_checkpoint_model(checkpoint_dir: Path):
-    """RMTForCausalLM (fp32, eval mode) holding the consolidated weights of a checkpoint."""
+def load_checkpoint_model(checkpoint_dir: Path, device=None, dtype=None):
+    """RMTForCausalLM (eval mode) holding the consolidated weights of a checkpoint: fp32 on the
+    CPU unless `device`/`dtype` (torch) say otherwise."""
     from model import RMTConfig, RMTForCausalLM
 
     config = RMTConfig.from_dict(read_json(checkpoint_dir / RMT_CONFIG_FILE))
@@ -193,7 +219,23 @@ def load_checkpoint_model(checkpoint_dir: Path):
         raise RunDirError(
             f"{checkpoint_dir}: weights do not match {RMT_CONFIG_FILE} (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    return model.eval()
+    return to_compute(model, device, dtype).eval()
+
+
+def to_compute(model, device=None, dtype=None):
+    """`model` moved to `device` with its parameters (not its buffers) cast to `dtype`.
+
+    Buffers keep their precision, as `from_pretrained(dtype=...)` leaves them (rotary frequencies
+    stay fp32), so a checkpoint model and its exported folder loaded in the same dtype compute
+    the same thing.
+    """
+    if dtype is not None:
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model
 
 
 # --------------------------------------------------------------------------- a model to evaluate
@@ -229,10 +271,13 @@ def find_model(path: Path) -> ModelSource:
     raise RunDirError("neither an exported folder (config.json) nor a run (checkpoints/)")
 
 
-def load_model(source: ModelSource) -> LoadedModel:
-    """An exported folder (through its shipped remote code) or a run's newest checkpoint."""
+def load_model(source: ModelSource, device=None, dtype=None) -> LoadedModel:
+    """An exported folder (through its shipped remote code) or a run's newest checkpoint, on
+    `device` in `dtype` (torch; default: the CPU in fp32)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     if source.kind == "export":
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import model as rmt_package
@@ -240,10 +285,11 @@ def load_model(source: ModelSource) -> LoadedModel:
         # The in-repo model is registered with the Auto classes whenever evaluation runs (as it
         # always was when importing the package did it); said here, not left to an import order.
         rmt_package.register_auto_classes()
-        model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=True, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=True)
+        model = to_compute(model, device)
         return LoadedModel(model.eval(), tokenizer, {"model": str(source.path), "kind": "export"})
-    model = load_checkpoint_model(source.checkpoint)
+    model = load_checkpoint_model(source.checkpoint, device, dtype)
     tokenizer = load_tokenizer(source.path)
     step = read_json(source.checkpoint / CLIENT_STATE_FILE).get("step")
     return LoadedModel(model, tokenizer, {"model": str(source.path), "kind": "run",

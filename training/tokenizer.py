@@ -11,6 +11,7 @@ at DIR to train with it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -60,15 +61,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(e.report(), file=sys.stderr)
         return 2
-    if data.source != "text" or not data.sources:
+    if data.source not in ("text", "babilong") or not data.sources:
         print(f"{args.config}: data.source is {data.source!r}; a tokenizer is trained on "
-              f"data.sources of a text recipe (the memory tasks use the builtin one)",
+              f"data.sources of a text or babilong recipe (the memory tasks use the builtin one)",
               file=sys.stderr)
         return 2
     start = time.time()
     try:
-        tok = train_bpe_tokenizer(training_texts(data, args.max_documents, args.max_chars),
-                                  args.vocab_size, args.out)
+        texts = training_texts(data, args.max_documents, args.max_chars)
+        if data.source == "babilong":  # the stories' words too, not only the filler's
+            from training.data.babilong_samples import tokenizer_texts
+
+            texts = itertools.chain(texts, tokenizer_texts(data))
+        tok = train_bpe_tokenizer(texts, args.vocab_size, args.out)
     except (DataSourceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

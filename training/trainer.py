@@ -3,15 +3,20 @@
 One optimizer step (`Trainer.train_step`):
   1. fetch the step's micro-batches (the curriculum gives the segment count from the step, so
      every rank runs the same number of segments);
-  2. all-reduce the number of valid targets T of the whole global batch;
+  2. all-reduce the number of valid targets T of the whole global batch, on the device (counted
+     on the host from the labels before they are copied; the scale below stays a device tensor);
   3. backward each micro-batch's `loss_sum * accum * world / T`: DeepSpeed divides by `accum`
-     and averages over ranks, so the gradient is exactly that of the global token mean;
-  4. all-reduce the step's statistics as one vector (training/step_stats.py): loss sums,
-     per-segment sums, non-finite flags (loss; any gradient, seen by tensor hooks on every
-     parameter) and a stop-request flag;
+     and averages over ranks, so the gradient is exactly that of the global token mean. The
+     micro-steps never read the device from the host (`_micro_steps`): loss sums, per-segment
+     sums, the model's target counts and the non-finite flags accumulate on the device;
+  4. all-reduce the step's statistics as one vector (training/step_stats.py) and read it back to
+     the host once: loss sums, per-segment sums, non-finite flags (loss; any gradient, seen by
+     tensor hooks on every parameter), target counts and a stop-request flag;
   5. set the learning rate, then `engine.step()`; a non-finite step leaves the weights and the
-     optimizer state untouched (GuardedAdamW; fp16 overflows: DeepSpeed's loss scaler) and is
-     counted; K in a row abort the run (training/guard.py says what counts, per precision).
+     optimizer state untouched (the optimizer's veto, training/guard.py; fp16 overflows:
+     DeepSpeed's loss scaler) and is counted; K in a row abort the run (training/guard.py says
+     what counts, per precision). Under ZeRO-Offload the optimizer is DeepSpeed's CPU Adam
+     (training/optim.build_optimizer).
 
 Code outside the stack acts on a run only through the hook points of training/hooks.py.
 """
@@ -26,19 +31,21 @@ from typing import Optional
 
 import torch
 
-from model import count_targets
-from training import checkpoint as ckpt_lib
+from training import checkpoint as ckpt_lib, micro_steps
+from training import elastic
+from training.answer_eval import ANSWER_SOURCES, AnswerEvalSets
 from training.config import TrainConfig
 from training.distributed import DistInfo, barrier
-from training.guard import GradientFlag, GuardedAdamW, classify_step
+from training.guard import GradientFlag, classify_step
 from training.hooks import Hooks
 from training.model_init import build_model
 from training.monitor import Monitor, memory_gb, peak_flops_per_device, segment_scalars
-from training.optim import adamw_kwargs, fused_adamw_devices, lr_at, param_groups
-from training.run_dir import RunDir, newest_complete
+from training.optim import build_optimizer, lr_at
+from training.run_dir import CLIENT_STATE_FILE, RunDir, newest_complete, read_json
+from training.universal import prepare as prepare_universal
 from training.scoring import accuracies, answer_totals
 from training.signals import stop_signal_received
-from training.step_stats import StepStats, step_metrics
+from training.step_stats import StepStats, StepSums, gradient_norm, step_metrics
 
 log = logging.getLogger("training")
 EXIT_NONFINITE = 3
@@ -84,13 +91,12 @@ class Trainer:
         self.rmt_config = model.config
         if cfg.model.gradient_checkpointing:
             model.activation_checkpointing_enable()
-        self.grads_nonfinite = GradientFlag(model)
+        self.grads_nonfinite = GradientFlag(model, self.device)
 
         # Where the optimizer state lives: the accelerator, or the CPU under ZeRO-Offload.
-        state_device = "cpu" if cfg.deepspeed.offload_optimizer else self.device.type
-        optimizer = GuardedAdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                 betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                 **adamw_kwargs(state_device, fused_adamw_devices()))
+        offload = cfg.deepspeed.offload_optimizer
+        optimizer = build_optimizer(model, cfg.optim, "cpu" if offload else self.device.type,
+                                    offload)
         self.optimizer = optimizer
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=self.ds_config)
@@ -102,6 +108,7 @@ class Trainer:
         self.eval_pipe = (build_pipeline(cfg.data, self.tokenizer, split="eval", **pipe_args)
                           if cfg.eval.batches > 0 else None)
         self.eval_pipe_start = self.eval_pipe.state_dict() if self.eval_pipe else None
+        self.answer_sets = AnswerEvalSets(cfg, self.tokenizer)
         self.ckpt = ckpt_lib.CheckpointManager(self.run_dir, dist.rank, cfg.checkpoint.keep_last,
                                                barrier)
         self.peak_flops = peak_flops_per_device(cfg.logging.peak_tflops)
@@ -117,57 +124,55 @@ class Trainer:
         return float(self.engine.optimizer.loss_scale)
 
     # ---------------------------------------------------------------------------- collectives
-    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+    def _all_reduce_on_device(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks in place on the device; queued, not read back."""
         import deepspeed.comm as ds_comm
 
-        if self.dist.world_size == 1:
-            return values
-        buf = values.to(self.device)
-        ds_comm.all_reduce(buf)
-        return buf.cpu()
+        if self.dist.world_size > 1:
+            ds_comm.all_reduce(values)
+        return values
 
-    def _all_reduce_stats(self, stats: StepStats) -> StepStats:
-        return StepStats.unpack(self._all_reduce_sum(stats.pack()))
+    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Host tensor in, its sum over ranks on the host out."""
+        return self._all_reduce_on_device(values.to(self.device)).cpu()
+
+    def _all_reduce_stats(self, packed: torch.Tensor) -> StepStats:
+        """A step's (or eval pass's) one all-reduce, then its one read back to the host."""
+        return StepStats.unpack(self._all_reduce_on_device(packed).cpu())
 
     # ---------------------------------------------------------------------------- training
-    def _forward(self, batch: dict):
-        return self.engine(input_ids=batch["input_ids"].to(self.device),
-                           attention_mask=batch["attention_mask"].to(self.device),
-                           labels=batch["labels"].to(self.device))
+    def _prepare(self, batch: dict) -> tuple[dict, int]:
+        mc = self.cfg.model
+        return micro_steps.prepare(batch, self.device, mc.segment_size, mc.loss_from_segment)
+
+    def _micro_steps(self, batches: list, counts: list, scale: torch.Tensor,
+                     n_segments: int) -> StepSums:
+        """No host read of the device in here (tests/test_trainer_sync.py counts them)."""
+        return micro_steps.run(self.engine, self.hooks, self.step, self.dist.rank, batches,
+                               counts, scale, StepSums(n_segments, self.device))
 
     def train_step(self) -> dict:
         cfg, world = self.cfg, self.dist.world_size
         accum = self.batch.grad_accum_steps
         start = time.perf_counter()
         n_segments = self.curriculum.num_segments(self.step)
-        batches = [self.pipe.next_batch(n_segments) for _ in range(accum)]
-        # Valid targets as the model counts them (its num_tokens), for the exact loss weighting.
-        counts = [int(count_targets(b["labels"], cfg.model.segment_size,
-                                    cfg.model.loss_from_segment)) for b in batches]
-        total_targets = int(self._all_reduce_sum(torch.tensor([float(sum(counts))])).item())
-        scale = accum * world / max(total_targets, 1)
+        batches, counts = zip(*(self._prepare(self.pipe.next_batch(n_segments))
+                                for _ in range(accum)))
+        # The exact loss weighting's total, summed over ranks on the device: the scale is a
+        # device tensor, so no micro-step waits for this all-reduce.
+        local_targets = float(sum(counts))
+        total = torch.tensor(local_targets, dtype=torch.float64).to(self.device, non_blocking=True)
+        scale = accum * world / self._all_reduce_on_device(total).clamp(min=1)
 
         self.grads_nonfinite.zero_()
-        stats = StepStats.empty(n_segments)
-        for k, (batch, count) in enumerate(zip(batches, counts)):
-            if k:
-                self.engine.step()  # DeepSpeed counts micro-steps here; no update before the last
-            out = self._forward(batch)
-            if int(out.num_tokens) != count:
-                raise RuntimeError(f"model counted {int(out.num_tokens)} targets, trainer {count}: "
-                                   f"the loss weighting would be wrong")
-            loss = self.hooks.after_forward(step=self.step, rank=self.dist.rank,
-                                            loss=out.loss_sum * scale)
-            self.engine.backward(loss)
-            stats.loss_sum += float(loss.detach()) / scale  # NaN stays NaN: the guard sees it
-            stats.add_segments(out)
-
-        loss_bad = not math.isfinite(stats.loss_sum)
-        grads_bad = bool(self.grads_nonfinite)
-        stats.loss_sum = stats.loss_sum if not (loss_bad or grads_bad) else 0.0
-        stats.loss_nonfinite, stats.grads_nonfinite = float(loss_bad), float(grads_bad)
-        stats.stop_requested = float(self.stop_requested or stop_signal_received())
-        stats = self._all_reduce_stats(stats)
+        sums = self._micro_steps(list(batches), list(counts), scale, n_segments)
+        stop = self.stop_requested or stop_signal_received()
+        stats = self._all_reduce_stats(sums.pack(self.grads_nonfinite.flag, stop, local_targets))
+        if stats.target_mismatch:
+            raise RuntimeError(f"the model counted the step's targets differently from the trainer "
+                               f"(off by {stats.target_mismatch:g} over all micro-batches and "
+                               f"ranks): the loss weighting would be wrong")
+        total_targets = int(stats.targets)
         self.stop_requested = stats.stop_requested > 0
         loss_scale = self._loss_scale()
         verdict = classify_step(loss_finite=stats.loss_nonfinite == 0,
@@ -188,6 +193,9 @@ class Trainer:
         self.optimizer.skip_next_step = nonfinite
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's micro-step count disagrees with grad_accum_steps")
+        # fp32 without ZeRO: the engine's optimizer is ours and DeepSpeed keeps no norm.
+        basic = self.engine.optimizer is self.optimizer
+        own_norm = gradient_norm(self.engine.module) if basic else None
         self.engine.step()
         self.optimizer.skip_next_step = False
         self.step += 1
@@ -205,7 +213,8 @@ class Trainer:
             flops = global_samples * self.rmt_config.training_flops(
                 n_segments * cfg.model.segment_size)
         return step_metrics(stats, total_targets=total_targets, skipped=nonfinite, lr=lr,
-                            grad_norm=self.engine.get_global_grad_norm(),
+                            grad_norm=(self.engine.get_global_grad_norm() if own_norm is None
+                                       else float(own_norm)),
                             skipped_steps=self.skipped_steps, samples_seen=self.samples_seen,
                             positions=positions, step_time=step_time, memory_gb=memory_gb(),
                             loss_scale=loss_scale, flops=flops, world_size=world,
@@ -235,9 +244,9 @@ class Trainer:
         try:
             if self.eval_pipe is not None:
                 metrics.update(self._eval_heldout_loss())
-            if cfg.data.source == "memory_tasks":
+            if cfg.data.source in ANSWER_SOURCES:
                 for n in cfg.eval.memory_task_segments:
-                    metrics.update(self._eval_memory_tasks(n))
+                    metrics.update(self._eval_answers(n))
         finally:
             self.engine.train()
         return metrics
@@ -245,37 +254,37 @@ class Trainer:
     def _eval_heldout_loss(self) -> dict:
         n_segments = self.curriculum.max_segments()
         self.eval_pipe.load_state_dict(self.eval_pipe_start)  # the same held-out batches each time
-        stats = StepStats.empty(n_segments)
+        sums = StepSums(n_segments, self.device)
         for _ in range(self.cfg.eval.batches):
-            out = self._forward(self.eval_pipe.next_batch(n_segments))
-            stats.loss_sum += float(out.loss_sum)
-            stats.add_segments(out)
-        stats = self._all_reduce_stats(stats)
-        loss = stats.loss_sum / max(stats.segment_counts.sum().item(), 1)
+            out = self.engine(**self._prepare(self.eval_pipe.next_batch(n_segments))[0])
+            sums.add(out, out.loss_sum)
+        stats = self._all_reduce_stats(sums.pack())
+        loss = (stats.loss_sum / max(stats.segment_counts.sum().item(), 1)
+                if not stats.loss_nonfinite else math.nan)
         return {"eval/loss": loss, **segment_scalars("eval", stats.segment_losses().tolist())}
 
-    def _eval_memory_tasks(self, n_segments: int) -> dict:
+    def _eval_answers(self, n_segments: int) -> dict:
         """Exact match and token accuracy of the answer span by teacher-forced argmax
-        (training/scoring.py), over eval.memory_task_samples samples split across the ranks."""
-        from training.data.memory_tasks import make_eval_batch
-
-        cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
-        total = cfg.eval.memory_task_samples
+        (training/scoring.py) on each answer set (training/answer_eval.py), over
+        eval.memory_task_samples samples split across the ranks."""
+        rank, world, total = self.dist.rank, self.dist.world_size, self.cfg.eval.memory_task_samples
         lo, hi = rank * total // world, (rank + 1) * total // world
-        totals = torch.zeros(4, dtype=torch.float64)
-        if hi > lo:
-            batch = make_eval_batch("mixture", n_segments, cfg.model.segment_size, hi - lo,
-                                    cfg.run.seed, cfg=cfg.data.memory_tasks, start=lo)
-            out = self.engine(input_ids=batch["input_ids"].to(self.device),
-                              attention_mask=batch["attention_mask"].to(self.device),
-                              return_logits=True)
-            totals += answer_totals(out.logits.argmax(-1).cpu(), batch["labels"])
-        else:
-            # ZeRO-3 gathers parameters collectively: a rank without samples still runs a forward.
-            self._forward_dummy(n_segments)
-        token_acc, exact = accuracies(self._all_reduce_sum(totals))
-        return {f"eval/memory_token_acc_{n_segments}seg": token_acc,
-                f"eval/memory_exact_match_{n_segments}seg": exact}
+        metrics = {}
+        for name in self.answer_sets.names():
+            totals = torch.zeros(4, dtype=torch.float64)
+            if hi > lo:
+                batch = self.answer_sets.batch(name, n_segments, lo, hi)
+                out = self.engine(input_ids=batch["input_ids"].to(self.device),
+                                  attention_mask=batch["attention_mask"].to(self.device),
+                                  return_logits=True)
+                totals += answer_totals(out.logits.argmax(-1).cpu(), batch["labels"])
+            else:
+                # ZeRO-3 gathers parameters collectively: a rank without samples still runs one.
+                self._forward_dummy(n_segments)
+            token_acc, exact = accuracies(self._all_reduce_sum(totals))
+            metrics[f"eval/{name}_token_acc_{n_segments}seg"] = token_acc
+            metrics[f"eval/{name}_exact_match_{n_segments}seg"] = exact
+        return metrics
 
     def _forward_dummy(self, n_segments: int) -> None:
         ids = torch.zeros(1, n_segments * self.cfg.model.segment_size, dtype=torch.long)
@@ -287,7 +296,8 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "world_size": self.dist.world_size,
+                "world_size": self.dist.world_size, "zero_stage": self.cfg.deepspeed.zero_stage,
+                "global_batch_size": self.batch.global_batch_size,
                 "curriculum": {**self.curriculum.state_dict(),
                                "num_segments": self.curriculum.num_segments(self.step)},
                 "config_digest": self.cfg.digest(), "metrics": self.latest_metrics}
@@ -322,14 +332,27 @@ class Trainer:
 
     def resume(self, path: Path) -> Path:
         """Restore from `path`, a complete checkpoint (pretrain resolves checkpoint.resume with
-        training.checkpoint.resolve_resume); returns it."""
-        client_state, rank_state = self.ckpt.load(self.engine, path)
+        training.checkpoint.resolve_resume); returns it. On another world size or ZeRO stage
+        (training.elastic): from its universal form, converted once, with the RNG re-derived."""
+        saved = read_json(path / CLIENT_STATE_FILE)
+        universal = None
+        if elastic.resume_mode(saved, self.dist.world_size,
+                               self.cfg.deepspeed.zero_stage) == elastic.UNIVERSAL:
+            universal = prepare_universal(path, self.dist.rank, self._all_reduce_sum, lambda ph:
+                                          self.hooks.checkpoint_phase(phase=ph, rank=self.dist.rank,
+                                                                      step=int(saved["step"])))
+        client_state, rank_state = self.ckpt.load(self.engine, path, universal)
         if client_state.get("config_digest") != self.cfg.digest():
             log.warning("resuming %s written with another config (digest %s, now %s)", path,
                         client_state.get("config_digest"), self.cfg.digest())
         self.load_rank_state_dict(rank_state)
         self.load_state_dict(client_state)
-        log.info("resumed from %s (step %d)", path, self.step)
+        if universal is not None:
+            ckpt_lib.seed_rng(self.cfg.run.seed, self.dist.rank, self.step)
+        log.info("resumed from %s (step %d)%s", path, self.step, "" if universal is None else
+                 f" written by {saved['world_size']} rank(s) with ZeRO-{saved.get('zero_stage')}, "
+                 f"through {universal}; RNG re-derived from (run.seed, step, rank)")
+        self.hooks.after_resume(engine=self.engine, rank=self.dist.rank, step=self.step)
         return path
 
     # ---------------------------------------------------------------------------- loop

@@ -14,6 +14,10 @@ from typing import Optional
 from training.config.sections import TrainConfig
 
 
+# model.compile_mode values that capture CUDA graphs (torch.compile's modes).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def validate(cfg: TrainConfig, world_size: Optional[int] = None, accelerator=None,
              skip: set[str] = frozenset()) -> list[str]:
     """Every problem of `cfg`: each section's own checks (not those in `skip`, whose types are
@@ -35,6 +39,18 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, accelerator=Non
     def sound(*names: str) -> bool:
         return all(name not in skip and not by_section.get(name) for name in names)
 
+    if sound("model", "deepspeed") and cfg.model.compile and cfg.deepspeed.zero_stage == 3:
+        # ZeRO-3's parameter-gathering hooks are torch.compiler.disable'd: the step cannot be
+        # captured whole (training/compile.py).
+        problems.append("model.compile: true needs deepspeed.zero_stage 0, 1 or 2 (got 3: ZeRO-3's "
+                        "parameter hooks break the compiled segment step); set model.compile: false "
+                        "or a lower zero_stage")
+    if (accelerator is not None and sound("model") and cfg.model.compile_mode in CUDA_GRAPH_MODES
+            and accelerator.device_name() != "cuda"):
+        # torch.compile would skip the CUDA graphs on another device without an error.
+        problems.append(f"model.compile_mode: {cfg.model.compile_mode} adds CUDA graphs, which need a "
+                        f"CUDA device (this run's: {accelerator.device_name()}); valid here: null, "
+                        f"default, max-autotune-no-cudagraphs")
     if sound("model", "data", "curriculum", "eval"):
         problems += _model_problems(cfg)
     if sound("data"):
@@ -75,7 +91,7 @@ def _data_file_problems(cfg: TrainConfig) -> list[str]:
     from training.data.sources import check_text_field
 
     data, problems = cfg.data, []
-    if data.source != "text":
+    if data.source not in ("text", "babilong"):
         return problems
     for name in ("sources", "eval_sources"):
         for i, src in enumerate(getattr(data, name)):
@@ -109,6 +125,14 @@ def _data_file_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"model.backbone.vocab_size: {vocab} is smaller than data.tokenizer "
                             f"{data.tokenizer!r} ({len(tokenizer)} tokens); set it >= "
                             f"{len(tokenizer)}")
+        if data.source == "babilong":  # do the stories fit the segments (needs the tokenizer)
+            from training.data.babilong_samples import layout_problems
+
+            counts = {n for _, n in cfg.curriculum.schedule} | set(cfg.eval.memory_task_segments)
+            try:
+                problems += layout_problems(data, tokenizer, cfg.model.segment_size, counts)
+            except DataSourceError as e:  # an unreadable bAbI file
+                problems.append(str(e))
     return problems
 
 

@@ -91,6 +91,13 @@ class ModelConfig:
     max_sequence_length: Optional[int] = doc(None, "longest training sample in tokens; if set, "
                                              "must equal segment_size x the curriculum's largest "
                                              "num_segments")
+    compile: bool = doc(False, "capture the segment step (backbone over memory + tokens) once "
+                        "with torch.compile and replay it every segment (training/compile.py); "
+                        "not with deepspeed.zero_stage 3")
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",
+                                   "max-autotune-no-cudagraphs"]] = doc(
+        None, "torch.compile mode with model.compile (null = torch's default; reduce-overhead "
+        "and max-autotune add CUDA graphs, on a CUDA device only)")
 
     def rmt_kwargs(self) -> dict:
         """RMTConfig's arguments: the backbone and every setting the model names in RMT_SETTINGS
@@ -102,6 +109,9 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         out = []
+        if self.compile_mode is not None and not self.compile:
+            out.append(f"model.compile_mode: {self.compile_mode!r} needs model.compile: true "
+                       f"(or compile_mode: null)")
         if self.init_from is not None:
             cfg_file = Path(self.init_from) / "config.json"
             if not cfg_file.is_file():
@@ -164,9 +174,11 @@ class OptimConfig:
 class EvalConfig:
     every: int = doc(250, "evaluate every N steps and at the end; 0 = only at the end")
     batches: int = doc(4, "held-out micro-batches per rank for the per-segment loss")
-    memory_task_segments: list[int] = doc(text="segment counts for memory-task accuracy "
-                                          "(built-in corpus only)", factory=lambda: [2, 4])
-    memory_task_samples: int = doc(256, "memory-task samples per segment count (split over ranks)")
+    memory_task_segments: list[int] = doc(text="segment counts for answer accuracy (memory tasks: "
+                                          "their mixture; babilong: each task)",
+                                          factory=lambda: [2, 4])
+    memory_task_samples: int = doc(256, "answer-accuracy samples per segment count and set "
+                                   "(split over ranks)")
 
     def problems(self) -> list[str]:
         out = at_least(self, "eval", every=0, batches=0, memory_task_samples=1)
@@ -201,11 +213,31 @@ class LoggingConfig:
                              "otherwise (or false) a plain progress line every logging.every steps")
     peak_tflops: Optional[float] = doc(None, "per-device peak TFLOP/s for MFU; null = from the "
                                        "GPU name when known (MFU is GPU-only)")
+    wandb: bool = doc(False, "also log the scalars and the resolved config to Weights & Biases "
+                      "(rank 0; a resumed run continues its W&B run)")
+    wandb_project: Optional[str] = doc(None, "W&B project (null = WANDB_PROJECT, else W&B's "
+                                       "default)")
+    wandb_entity: Optional[str] = doc(None, "W&B entity: user or team (null = WANDB_ENTITY, else "
+                                      "the API key's default)")
+    wandb_run_name: Optional[str] = doc(None, "W&B run name (null = run.name)")
+    wandb_mode: Optional[Literal["online", "offline"]] = doc(
+        None, "online, offline (sync later with `wandb sync`) or null = WANDB_MODE, else online")
 
     def problems(self) -> list[str]:
         out = at_least(self, "logging", every=1)
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             out.append(f"logging.peak_tflops: {self.peak_tflops} must be > 0 or null")
+        for name in ("wandb_project", "wandb_entity", "wandb_run_name"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                out.append(f"logging.{name}: empty; give a name or null")
+        if self.wandb:
+            import importlib.util
+
+            # find_spec locates the package without importing it (a run without W&B never does).
+            if importlib.util.find_spec("wandb") is None:
+                out.append("logging.wandb: true, but the wandb package is not installed; "
+                           "pip install -r requirements.txt, or set logging.wandb=false")
         return out
 
 
@@ -215,6 +247,27 @@ class GuardConfig:
 
     def problems(self) -> list[str]:
         return at_least(self, "guard", max_nonfinite_in_a_row=1)
+
+
+@dataclass
+class ExportConfig:
+    license: str = doc("apache-2.0", "model card license: a hub license identifier (mit, "
+                       "cc-by-4.0, llama3.1, ...; training/config/hub_licenses.py)")
+    tags: list[str] = doc(text="model card tags besides rmt, recurrent-memory-transformer and "
+                          "custom_code", factory=list)
+
+    def problems(self) -> list[str]:
+        from training.config.hub_licenses import HUB_LICENSES
+
+        out = []
+        if self.license not in HUB_LICENSES:
+            out.append(f"export.license: {self.license!r} is not a hub license identifier; valid "
+                       f"are {', '.join(HUB_LICENSES)}")
+        bad = [t for t in self.tags if not isinstance(t, str) or not t or any(c.isspace() or
+                                                                                c == "," for c in t)]
+        if bad:
+            out.append(f"export.tags: {bad} must be non-empty strings without spaces or commas")
+        return out
 
 
 @dataclass
@@ -257,6 +310,7 @@ class TrainConfig:
     logging: LoggingConfig = doc(text="", factory=LoggingConfig)
     guard: GuardConfig = doc(text="", factory=GuardConfig)
     distributed: DistributedConfig = doc(text="", factory=DistributedConfig)
+    export: ExportConfig = doc(text="", factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -11,8 +11,9 @@ from training.data.config import DataConfig, MemoryTaskConfig, SourceConfig
 from training.data.curriculum import CurriculumConfig, SegmentCurriculum
 from training.data.errors import DataSourceError, DataStateError
 from training.data.pipeline import build_pipeline
+from training.data.babilong_pipeline import BabilongPipeline  # registers data.source babilong
 from training.data.tokenization import build_tokenizer
 
 __all__ = ["DataConfig", "MemoryTaskConfig", "SourceConfig", "CurriculumConfig",
            "SegmentCurriculum", "DataSourceError", "DataStateError", "build_pipeline",
-           "build_tokenizer"]
+           "build_tokenizer", "BabilongPipeline"]

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from training.data.babilong import MIN_FACTS, OBJECTS, PEOPLE, PLACES, QA_TASKS
 from training.data.errors import DataSourceError
 from training.data.memory_vocab import MAX_ALPHABET, MAX_FILLER, VOCAB
 
@@ -20,6 +21,8 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt
 BUILTIN = "builtin"
 MEMORY_TASKS = "memory_tasks"
 TASK_NAMES = ("copy", "reverse", "associative_retrieval")
+BABILONG = "babilong"
+BABI_FILE = "file"  # data.babilong.tasks entry: the stories of data.babilong.babi_path
 
 
 def described(default=None, text: str = "", *, factory=None):
@@ -30,9 +33,34 @@ def described(default=None, text: str = "", *, factory=None):
 
 
 def is_local_pattern(path_or_name: str) -> bool:
-    """A local file or glob (known extension, or an existing path) rather than a hub name."""
+    """A local file or glob (known extension, or an existing file) rather than a hub name. A
+    directory is not one: `datasets` loads it like a hub dataset repository (its README.md
+    configs or data/ layout), so it is resolved like one (training.data.rank0_first)."""
+    if os.path.isdir(os.path.expanduser(path_or_name)):
+        return False
     return (os.path.splitext(path_or_name)[1].lower() in LOCAL_FORMATS
             or os.path.exists(path_or_name) or any(c in path_or_name for c in "*?["))
+
+
+# What `datasets` finds in a dataset folder (a directory given as path_or_name): its README.md
+# configs header, or data files (optionally compressed) anywhere below it.
+FOLDER_DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".txt", ".csv", ".tsv", ".arrow")
+COMPRESSIONS = ("", ".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+def dataset_folder_problem(path: str, where: str) -> Optional[str]:
+    """Why a directory is no dataset folder (None when it is one): no README.md and no data file
+    anywhere below it. Stops at the first data file, so a large folder costs little."""
+    if os.path.isfile(os.path.join(path, "README.md")):
+        return None
+    suffixes = tuple(ext + c for ext in FOLDER_DATA_EXTENSIONS for c in COMPRESSIONS)
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(f.lower().endswith(suffixes) for f in files if not f.startswith(".")):
+            return None
+    return (f"{where}: {path!r} is a directory whose tree matches no file `datasets` could load "
+            f"(a dataset folder has a README.md or data files such as data/train-*.jsonl); give a "
+            f"dataset folder, a file, or a glob such as {os.path.join(path, '*.jsonl')}")
 
 
 def resolve_local_files(pattern: str, where: str) -> list[str]:
@@ -53,7 +81,8 @@ def resolve_local_files(pattern: str, where: str) -> list[str]:
 
 @dataclass
 class SourceConfig:
-    path_or_name: str = described("", "local file/glob (jsonl, json, parquet, txt) or hub name")
+    path_or_name: str = described("", "local file/glob (jsonl, json, parquet, txt), dataset "
+                                      "folder or hub name")
     weight: float = described(1.0, "mixture weight (normalised over the sources)")
     text_field: str = described("text", "record field holding the document text")
     split: str = described("train", "dataset split (hub datasets)")
@@ -70,6 +99,10 @@ class SourceConfig:
                 resolve_local_files(self.path_or_name, f"{where}.path_or_name")
             except DataSourceError as e:
                 out.append(str(e))
+        elif os.path.isdir(os.path.expanduser(self.path_or_name)):
+            problem = dataset_folder_problem(os.path.expanduser(self.path_or_name),
+                                             f"{where}.path_or_name")
+            out += [problem] if problem else []
         if not self.weight > 0:
             out.append(f"{where}.weight: {self.weight} must be > 0")
         if not self.text_field:
@@ -117,9 +150,59 @@ class MemoryTaskConfig:
 
 
 @dataclass
+class BabilongConfig:
+    tasks: list[str] = described(
+        text="story kinds to mix: qa1 (where is a person), qa2 (where is an object), qa3 (where "
+             "was an object before a place), file (the bAbI stories of babi_path)",
+        factory=lambda: ["qa1"])
+    weights: Optional[list[float]] = described(None, "mixture weights of `tasks` (null = equal)")
+    babi_path: Optional[str] = described(None, "original bAbI task file or glob (numbered-line "
+                                               "format), read when tasks lists file")
+    facts: int = described(6, "facts per generated story (qa2 and qa3 need >= 6)")
+    people: int = described(4, f"people the generated stories name (2..{len(PEOPLE)})")
+    places: int = described(6, f"places, the possible answers (3..{len(PLACES)})")
+    objects: int = described(3, f"objects carried in qa2/qa3 stories (1..{len(OBJECTS)})")
+    text_mix: float = described(0.0, "fraction of samples that are plain text from the filler "
+                                     "pool, with loss on every token, instead of a story")
+    filler_chars: int = described(2_000_000, "characters of data.sources read once (the same "
+                                             "on every rank) into the filler pool")
+
+    def problems(self, where: str) -> list[str]:
+        out = []
+        valid = list(QA_TASKS) + [BABI_FILE]
+        if not self.tasks or any(t not in valid for t in self.tasks) or (
+                len(set(self.tasks)) != len(self.tasks)):
+            out.append(f"{where}.tasks: {self.tasks} must be a non-empty list of distinct "
+                       f"{valid}")
+        if self.weights is not None and (len(self.weights) != len(self.tasks)
+                                         or any(not w > 0 for w in self.weights)):
+            out.append(f"{where}.weights: {self.weights} must be null or one positive weight per "
+                       f"task ({len(self.tasks)})")
+        if (BABI_FILE in self.tasks) != bool(self.babi_path):
+            out.append(f"{where}.babi_path: {self.babi_path!r}; give a bAbI file exactly when "
+                       f"tasks lists {BABI_FILE!r} (tasks: {self.tasks})")
+        elif self.babi_path and not glob.glob(os.path.expanduser(self.babi_path)):
+            out.append(f"{where}.babi_path: {self.babi_path!r} matches no file")
+        need = max([MIN_FACTS[t] for t in self.tasks if t in MIN_FACTS], default=1)
+        if self.facts < need:
+            out.append(f"{where}.facts: {self.facts} must be >= {need} for tasks {self.tasks}")
+        for name, low, names in (("people", 2, PEOPLE), ("places", 3, PLACES),
+                                 ("objects", 1, OBJECTS)):
+            if not low <= getattr(self, name) <= len(names):
+                out.append(f"{where}.{name}: {getattr(self, name)} must be in [{low}, "
+                           f"{len(names)}]")
+        if not 0.0 <= self.text_mix < 1.0:
+            out.append(f"{where}.text_mix: {self.text_mix} must be in [0, 1)")
+        if self.filler_chars < 1000:
+            out.append(f"{where}.filler_chars: {self.filler_chars} must be >= 1000")
+        return out
+
+
+@dataclass
 class DataConfig:
-    source: Literal["memory_tasks", "text"] = described(
-        MEMORY_TASKS, "memory_tasks (built-in synthetic corpus) or text (the `sources` mixture)")
+    source: Literal["memory_tasks", "text", "babilong"] = described(
+        MEMORY_TASKS, "memory_tasks (built-in synthetic corpus), text (the `sources` mixture) or "
+                      "babilong (bAbI-like stories in filler text from `sources`)")
     sources: list[SourceConfig] = described(text="text sources mixed by weight", factory=list)
     eval_sources: list[SourceConfig] = described(
         text="held-out text sources for eval (empty: use eval_fraction of `sources`)", factory=list)
@@ -135,8 +218,12 @@ class DataConfig:
     prefetch_documents: int = described(4096, "tokenised documents kept ready ahead of the model")
     memory_tasks: MemoryTaskConfig = described(text="built-in corpus settings",
                                                factory=MemoryTaskConfig)
+    babilong: BabilongConfig = described(text="BABILong-style stories (data.source babilong)",
+                                         factory=BabilongConfig)
     reshard: bool = described(False, "allow resuming a data state saved with another world size "
-                                     "(see docs: text sources restart at the next epoch)")
+                                     "where it cannot continue exactly: text sources restart at "
+                                     "the next epoch (memory tasks continue exactly without it "
+                                     "when the global batch is kept; docs/reliability.md 9)")
 
     def problems(self) -> list[str]:
         out = []
@@ -149,9 +236,11 @@ class DataConfig:
                 out.append("data.sources: set, but data.source is memory_tasks; set "
                            "data.source: text to train on them")
         else:
+            if self.source == BABILONG:
+                out += self.babilong.problems("data.babilong")
             if not self.sources:
-                out.append("data.sources: empty; data.source text needs at least one source "
-                           "(path_or_name: a local file/glob or a hub dataset name)")
+                out.append(f"data.sources: empty; data.source {self.source} needs at least one "
+                           f"text source (path_or_name: a local file/glob or a hub dataset name)")
             if self.tokenizer == BUILTIN:
                 out.append(f"data.tokenizer: {BUILTIN} only covers the memory tasks; give a "
                            f"tokenizer folder (python -m training.tokenizer) or a hub name")

@@ -4,7 +4,8 @@ Two pipelines share one interface (next_batch, state_dict, load_state_dict, stat
 
 MemoryTaskPipeline: the built-in corpus. Rank r's micro-batch k holds the global samples
     (k*W + r)*B + i, i < B, so one step over W ranks sees exactly what one rank with micro
-    batch W*B sees; the state is the micro-batch counter.
+    batch W*B sees; the state is the micro-batch counter, which a new world size or micro batch
+    continues at the next global sample (elastic resume, training/elastic.py).
 TextPipeline: streamed text sources -> mixture -> background tokenisation -> packer. Which
     documents a rank reads is decided by split_dataset_by_node, so runs with different world
     sizes see different (but per epoch complete and disjoint) data.
@@ -31,6 +32,11 @@ RESHARD_HINT = ("set data.reshard=true to continue anyway (memory tasks: at the 
                 "sample; text: every rank restarts its sources at the next epoch)")
 
 
+# Corpora with their own modules register here (training/data/__init__.py imports them), so this
+# module does not import them back: {data.source: pipeline class}.
+EXTRA_PIPELINES: dict = {}
+
+
 def build_pipeline(cfg: DataConfig, tokenizer, *, segment_size: int, micro_batch_size: int,
                    rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "train"):
     problems = cfg.problems()
@@ -41,7 +47,8 @@ def build_pipeline(cfg: DataConfig, tokenizer, *, segment_size: int, micro_batch
     if segment_size < 1 or micro_batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"segment_size {segment_size} and micro_batch_size {micro_batch_size} "
                          f"must be >= 1 and rank {rank} in [0, world_size {world_size})")
-    cls = MemoryTaskPipeline if cfg.source == MEMORY_TASKS else TextPipeline
+    cls = {MEMORY_TASKS: MemoryTaskPipeline, "text": TextPipeline}.get(cfg.source) or \
+        EXTRA_PIPELINES[cfg.source]
     return cls(cfg, tokenizer, segment_size, micro_batch_size, rank, world_size, seed, split)
 
 
@@ -59,8 +66,9 @@ class _Pipeline:
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "micro_batch_size": self.micro_batch_size}
 
-    def _check_header(self, state: dict) -> bool:
-        """Raise on a state of another corpus; return True when it needs resharding."""
+    def _check_header(self, state: dict, exact: bool = False) -> bool:
+        """Raise on a state of another corpus; return True when it needs resharding. `exact`: this
+        pipeline continues a state of another layout exactly, so data.reshard is not needed."""
         version = state.get("version") if isinstance(state, dict) else None
         if version != STATE_VERSION:
             raise DataStateError(f"data state has version {version!r}; this code reads version "
@@ -71,7 +79,7 @@ class _Pipeline:
                                      f"pipeline has {key}={getattr(self, key)!r}")
         changed = [f"{k}={state[k]} (now {getattr(self, k)})"
                    for k in ("world_size", "micro_batch_size") if state[k] != getattr(self, k)]
-        if changed and not self.cfg.reshard:
+        if changed and not (self.cfg.reshard or exact):
             raise DataStateError(f"data state was saved with {', '.join(changed)}; {RESHARD_HINT}")
         return bool(changed)
 
@@ -114,10 +122,13 @@ class MemoryTaskPipeline(_Pipeline):
                 "task_counts": self._task_counts.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        if self._check_header(state):
-            # The global sample index survives a new layout: continue after every sample the
-            # old world consumed (rounded up to a whole new step).
-            consumed = state["micro_batches"] * state["world_size"] * state["micro_batch_size"]
+        consumed = state.get("micro_batches", 0) * state.get("world_size", 1) * state.get(
+            "micro_batch_size", 1)
+        # The global sample index survives a new layout: continue after every sample the old
+        # world consumed. Exact (no data.reshard needed) when they fill whole micro-batches of the
+        # new layout, as they do when the global batch is kept; else rounded up to one.
+        if self._check_header(state, exact=consumed % (self.world_size * self.micro_batch_size)
+                              == 0):
             self.micro_batches = math.ceil(consumed / (self.world_size * self.micro_batch_size))
         else:
             self.micro_batches = state["micro_batches"]

@@ -115,8 +115,12 @@ def load_source(src: SourceConfig):
         fmt = _local_format(files)
         extra = {"encoding_errors": "replace", "sample_by": src.sample_by} if fmt == "text" else {}
         return datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **extra)
-    return datasets.load_dataset(src.path_or_name, src.config_name, split=src.split,
-                                 streaming=True)
+    # A hub name, or a dataset folder (a directory, loaded like a hub repository: no download
+    # count to send, and no DNS lookup to block on, as for local files).
+    if os.path.isdir(os.path.expanduser(src.path_or_name)):
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    return datasets.load_dataset(os.path.expanduser(src.path_or_name), src.config_name,
+                                 split=src.split, streaming=True)
 
 
 class SourceReader:
