@@ -145,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
     """Train; returns (exit status, outcome: 'done' | 'preempted' | 'failed')."""
-    from training.checkpoint import CheckpointError
+    from training.checkpoint import CheckpointError, write_atomic
     from training.data.errors import DataSourceError, DataStateError
     from training.data.rank0_first import resolve_rank0_first
     from training.distributed import barrier, set_collective_timeout
@@ -156,7 +156,6 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
     run_dir = cfg.run_dir
     if dist.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        RunDir(run_dir).config.write_text(cfg.to_yaml())
     barrier()
     setup_logging(RunDir(run_dir).log if dist.rank == 0 else None, dist.rank)
     log.info("run %s on %d rank(s) (%s), ZeRO-%d, %s, batch %s\n%s", cfg.run.name,
@@ -181,6 +180,10 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
                 trainer.resume(resume_from)
         except (CheckpointError, DataStateError) as e:
             return fail(f"cannot resume: {e}", dist.rank), "failed"
+        if dist.rank == 0:
+            # Only now: config.yaml describes the run's checkpoints (export and evaluate read it),
+            # so a config that could not start or resume them must not replace it.
+            write_atomic(RunDir(run_dir).config, cfg.to_yaml())
         set_collective_timeout(cfg.distributed.timeout_s)  # set-up is over: training's bound
         monitor = Monitor(run_dir, enabled=dist.rank == 0, tensorboard=cfg.logging.tensorboard,
                           progress_bar=cfg.logging.progress_bar, start_step=trainer.step,
