@@ -356,17 +356,19 @@ def test_hub_tokenizer_in_the_local_cache_is_checked_before_any_rank_starts(asse
     assert snapshot(tmp_path, assets) == before and not runs.exists()
 
 
-def test_a_resume_refused_by_the_data_state_leaves_the_run_config_as_it_was(
-        assets, tmp_path, capsys, clean_process_env):
+def test_a_resume_refused_by_the_data_state_leaves_the_run_config_as_it_was(assets, tmp_path):
     """A mismatch only the data pipeline sees (another run.seed: another sample stream) is found
     after set-up, when the rank states load: exit 2 with the reason, and config.yaml, which
     export and evaluate read as the description of the run's checkpoints, keeps the config that
-    wrote them (it was overwritten before the resume was tried)."""
+    wrote them (it was overwritten before the resume was tried). In a fresh process: the trainer
+    builds a DeepSpeed engine, and DeepSpeed keeps process groups of earlier tests' engines."""
     run_dir = copy_run(assets, tmp_path / "work")
     config = run_dir / "config.yaml"
     before = config.read_bytes()
-    main, argv = pretrain(tmp_path / "work", "run.seed=999")
-    code, err = run_entry(main, argv, capsys)
-    assert code == 2 and "Traceback" not in err, err
-    assert "cannot resume" in err and "seed=1234" in err and "seed=999" in err, err
+    _, argv = pretrain(tmp_path / "work", "run.seed=999")
+    proc = subprocess.run([sys.executable, "-m", "training.pretrain", *argv], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "cannot resume" in err and "seed=1234" in err and "seed=999" in err, err[-3000:]
     assert config.read_bytes() == before
