@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -79,19 +78,3 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
                         help=f"{DEVICE_FORMS} (default auto: the GPU when one is visible, else the CPU)")
     parser.add_argument("--dtype", default="auto",
                         help="auto, fp32, bf16 or fp16 (default auto: bf16 on a GPU, fp32 on the CPU)")
-
-
-def stderr_is_terminal() -> bool:
-    return sys.stderr is not None and sys.stderr.isatty()
-
-
-def quiet_hub_progress_bars() -> None:
-    """Turn off transformers' and huggingface_hub's tqdm bars when stderr is not a terminal:
-    in a log file each redraw is a line of '\\r' noise."""
-    if stderr_is_terminal():
-        return
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    disable_progress_bars()
-    hf_logging.disable_progress_bar()

@@ -32,7 +32,8 @@ from model import IGNORE_INDEX
 from model.segments import shifted_targets
 from training import eval_babilong, run_dir
 from training import scoring
-from training.compute import ComputeError, add_compute_args, quiet_hub_progress_bars, resolve_compute
+from training.monitor import quiet_hub_progress_bars
+from training.compute import ComputeError, add_compute_args, resolve_compute
 from training.eval_report import format_table, plot
 from training.run_dir import ModelSource, load_model
 

@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.compute import Compute, ComputeError, add_compute_args, quiet_hub_progress_bars, resolve_compute
+from training.monitor import quiet_hub_progress_bars
+from training.compute import Compute, ComputeError, add_compute_args, resolve_compute
 from training.config.sections import ExportConfig
 from training.export_verify import RELOAD_ATOL, ExportVerificationError, verify_in_fresh_process
 from training.model_card import model_card

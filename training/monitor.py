@@ -82,12 +82,21 @@ def setup_logging(log_file: Optional[Path], rank: int) -> None:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(fmt)
         root.addHandler(handler)
-    if not sys.stderr.isatty():
-        # Hugging Face's own bars ("Loading weights" of model.init_from, hub downloads) would
-        # put '\r' lines into slurm-*.out and CI logs too.
-        import transformers.utils.logging as hf_logging
+    quiet_hub_progress_bars()
 
-        hf_logging.disable_progress_bar()
+
+def quiet_hub_progress_bars() -> None:
+    """Turn off transformers' and huggingface_hub's tqdm bars ("Loading weights" of
+    model.init_from, hub downloads, export's reload) when stderr is not a terminal: in
+    slurm-*.out and CI logs each redraw is a line of '\\r' noise. The trainer, evaluate and
+    export all call this one."""
+    if sys.stderr is None or sys.stderr.isatty():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def segment_scalars(prefix: str, segment_losses: list[float]) -> dict[str, float]:
