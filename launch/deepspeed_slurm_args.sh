@@ -8,7 +8,8 @@
 # password-less ssh and asks the first host for its address over ssh. Its Slurm back-end starts
 # the ranks with `srun` instead (one task per slot), and the ranks meet through the Slurm
 # environment (training/distributed.py), so neither ssh step is needed. This script writes the
-# allocation's hostfile (one line per node, slots = its Slurm tasks) and prints the runner's
+# allocation's hostfile (one line per node, slots = its Slurm tasks, or its GPUs in a job without a
+# task count) and prints the runner's
 # options: --hostfile FILE --launcher slurm --force_multi --no_ssh_check --master_addr FIRST_NODE.
 # --force_multi keeps the Slurm back-end on a one-node allocation too, so every rank is a Slurm
 # task there as well (signals, accounting and cgroups as with any srun step).
@@ -42,6 +43,17 @@ tasks_per_node() {
 mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 read -ra slots <<< "$(tasks_per_node)"
 [[ ${#hosts[@]} -gt 0 ]] || die "SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST' names no host"
+if [[ -z "${SLURM_NTASKS:-}" ]]; then
+    # A job without a task count (launch/pretrain.sh's header; a node range that may shrink on
+    # requeue) has one Slurm task per node: a slot per GPU instead, by the launcher's own rule.
+    # shellcheck source=pretrain.sh
+    source "$(dirname "${BASH_SOURCE[0]}")/pretrain.sh"
+    root=$(repo_root) || exit 2
+    gpus=$(cd "$root" && count_gpus) || exit 2
+    per_node=$(slurm_tasks_per_node "$gpus") || exit 2
+    slots=()
+    for _ in "${hosts[@]}"; do slots+=("$per_node"); done
+fi
 [[ ${#slots[@]} -eq ${#hosts[@]} ]] ||
     die "SLURM_TASKS_PER_NODE='${SLURM_TASKS_PER_NODE:-}' does not give one count per node of '$SLURM_JOB_NODELIST'"
 

@@ -13,7 +13,12 @@
 #   sbatch [sbatch options] launch/pretrain.sh [same arguments]
 #       one task per GPU on every node of the allocation (srun); rank and rendezvous come from the
 #       Slurm environment (training/distributed.py). Options given to sbatch override the header,
-#       e.g. `sbatch --nodes=4 launch/pretrain.sh ...`, or on a CPU-only cluster
+#       e.g. `sbatch --nodes=4 launch/pretrain.sh ...`. The header asks for whole nodes and GPUs
+#       but no task count: the tasks are laid out at each start (GPUs per node, else 1 per node;
+#       the node's CPUs shared between them unless --cpus-per-task is given), so a job with a
+#       node range (`sbatch --nodes=12-16 ...`) requeued after losing a node comes back on the
+#       nodes left and resumes on fewer ranks (docs/reliability.md, 9). A task count on the sbatch
+#       line is used as given and fixes the job's size, e.g. on a CPU-only cluster
 #       `sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 launch/pretrain.sh`.
 #   torchrun / srun / mpirun ... launch/pretrain.sh [same arguments]   (rank mode)
 #       a process that a launcher already made a rank (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, an
@@ -34,11 +39,13 @@
 # This file is both a bash script and a Python program (for DeepSpeed's launcher): keep the line
 # below as the first command, write no backslashes and no triple quotes in the bash part.
 #
+# No task count below: Slurm keeps a job's task count across requeues, so a job with one waits for
+# as many nodes as before; the launcher lays the tasks out instead (launch_slurm). --exclusive
+# gives whole nodes, so their CPUs are there to share between the tasks of a node.
 #SBATCH --job-name=rmt-pretrain
 #SBATCH --nodes=2
-#SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=8
+#SBATCH --exclusive
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@180
 #SBATCH --open-mode=append
@@ -170,19 +177,64 @@ run_child() {  # relay_mode command...: run in the background so traps fire; ret
     return "$status"
 }
 
+# GPUs per node of a job submitted without a task count, hence the training step's tasks per node.
+# The first positive of: Slurm's count of the GPUs it gave the job on this node
+# (SLURM_GPUS_ON_NODE, set in a batch step, which holds all of them); the job's --gpus-per-node
+# ([type:]count; an salloc shell may run on a node without GPUs); the GPUs this interpreter sees
+# (a cluster that does not manage GPUs, where --gpus-per-node=0 is given). 1 task on a CPU node.
+slurm_tasks_per_node() {  # gpus_seen
+    local seen=$1 given=${SLURM_GPUS_ON_NODE:-} asked=${SLURM_GPUS_PER_NODE:-}
+    if [[ -n "$given" ]]; then
+        [[ "$given" =~ ^[0-9]+$ ]] || die "SLURM_GPUS_ON_NODE='$given' is not a GPU count"
+        [[ "$given" -gt 0 && "$seen" -eq 0 ]] && die "Slurm gave this job $given GPU(s) on this node (SLURM_GPUS_ON_NODE) but $PYTHON sees none: use an interpreter with a CUDA build of torch (PYTHON=...), or submit with --gpus-per-node=0 for a CPU run"
+    fi
+    [[ "$asked" == *,* ]] && asked=0  # a list of several GPU types is not one count: left to the others
+    asked=${asked##*:}
+    [[ "$asked" =~ ^[0-9]+$ ]] || asked=0
+    local count
+    for count in "${given:-0}" "$asked" "$seen" 1; do
+        if [[ "$count" -gt 0 ]]; then
+            echo "$count"
+            return
+        fi
+    done
+}
+
+# CPUs per task when sbatch was given no --cpus-per-task: the header's --exclusive gives the job
+# whole nodes, shared out evenly between the tasks of a node (empty: srun's default, when the
+# tasks per node are not known, i.e. a bare --ntasks).
+slurm_cpus_per_task() {  # tasks_per_node
+    local per_node=${1:-}
+    [[ -n "$per_node" && "${SLURM_CPUS_ON_NODE:-}" =~ ^[0-9]+$ ]] || return 0
+    local cpus=$(( SLURM_CPUS_ON_NODE / per_node ))
+    echo $(( cpus > 0 ? cpus : 1 ))
+}
+
 launch_slurm() {
     local root=$1; shift
     cd "$root"
-    # Slurm >= 22.05: srun no longer inherits --cpus-per-task from the allocation.
-    [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
     local gpus
     gpus=$(count_gpus)
     [[ "$gpus" -eq 0 ]] && configure_cpu_allocator
-    log "Slurm job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-?} tasks on ${SLURM_JOB_NUM_NODES:-?} node(s) [${SLURM_JOB_NODELIST:-}], $gpus GPU(s) on this node"
+    # A job with a task count (--ntasks-per-node or --ntasks on the sbatch line, as on the CPU test
+    # clusters) gets exactly those tasks from srun. Any task count fixes the job's size, so the
+    # header sets none: such a job (also `--nodes=12-16`) is laid out here on however many nodes
+    # it got this time, and requeued after losing a node it comes back on the nodes left.
+    local tasks=${SLURM_NTASKS:-} per_node=${SLURM_NTASKS_PER_NODE:-} nodes=${SLURM_JOB_NUM_NODES:-1} layout=()
+    if [[ -z "$tasks" ]]; then
+        per_node=$(slurm_tasks_per_node "$gpus")
+        tasks=$(( nodes * per_node ))
+        layout=(--ntasks-per-node="$per_node" --ntasks="$tasks")
+    fi
+    # Slurm >= 22.05: srun no longer inherits --cpus-per-task from the allocation.
+    local cpus=${SLURM_CPUS_PER_TASK:-}
+    [[ -n "$cpus" ]] || cpus=$(slurm_cpus_per_task "$per_node")
+    [[ -n "$cpus" ]] && export SRUN_CPUS_PER_TASK=$cpus
+    log "Slurm job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): $tasks tasks on $nodes node(s) [${SLURM_JOB_NODELIST:-}], $gpus GPU(s) on this node, ${cpus:-srun default} CPU(s) per task"
     log "launcher log: $(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p' || echo 'see sbatch --output')"
-    preflight "${SLURM_NTASKS:-1}" "$@"
+    preflight "$tasks" "$@"
     local status=0
-    run_child slurm srun --kill-on-bad-exit=1 "$PYTHON" -m training.pretrain "$@" || status=$?
+    run_child slurm srun --kill-on-bad-exit=1 "${layout[@]}" "$PYTHON" -m training.pretrain "$@" || status=$?
     if [[ "$received" == USR1 && "$status" -eq 0 ]]; then
         log "time limit near: checkpoint written, requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
@@ -251,6 +303,8 @@ main() {
     fi
 }
 
+# Sourced (tests/test_launch_local.py tests the functions above one by one): define only.
+(return 0 2>/dev/null) && return 0
 main "$@"
 exit
 : <<'#END_OF_PYTHON'  # bash never runs what follows; this keeps `bash -n` able to parse it

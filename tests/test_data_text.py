@@ -143,25 +143,6 @@ def test_a_state_saved_before_the_first_batch_restarts_the_stream(corpus):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-def test_other_world_size_is_refused_with_the_reshard_option(corpus):
-    cfg = text_cfg(corpus)
-    tok = build_tokenizer(cfg)
-    with build_pipeline(cfg, tok, segment_size=S, micro_batch_size=2, rank=0, world_size=2,
-                        seed=1) as pipe:
-        pipe.next_batch(2)
-        state = pipe.state_dict()
-    with build_pipeline(cfg, tok, segment_size=S, micro_batch_size=2, rank=0, world_size=3,
-                        seed=1) as other:
-        with pytest.raises(DataStateError, match=r"world_size=2 \(now 3\).*data.reshard=true"):
-            other.load_state_dict(state)
-    resharded = text_cfg(corpus, reshard=True)
-    with build_pipeline(resharded, tok, segment_size=S, micro_batch_size=2, rank=0, world_size=3,
-                        seed=1) as other:
-        other.load_state_dict(state)
-        other.next_batch(2)
-        assert other.stats()["epoch"] == 1  # restarted at the next epoch on the new sharding
-
-
 def test_eval_fraction_holds_out_a_disjoint_part(corpus):
     cfg = text_cfg(corpus, packing="document", short_documents="pad", eval_fraction=0.25)
     tok = build_tokenizer(cfg)

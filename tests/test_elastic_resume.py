@@ -23,9 +23,13 @@ from training.data.errors import DataStateError
 SAVED = {"world_size": 2, "zero_stage": 3, "global_batch_size": 8, "step": 10}
 
 
-def _refusal(saved=SAVED, world=1, stage=3, batch=8, text=False, reshard=False):
+def _refusal(saved=SAVED, world=1, stage=3, batch=8, data=None, shards=0, reshard=False):
     return elastic.refusal(saved, world_size=world, zero_stage=stage, global_batch_size=batch,
-                           text_data=text, reshard=reshard)
+                           data_state=data, elastic_shards=shards, reshard=reshard)
+
+
+TEXT_2_SHARDS = {"kind": "text", "shards": 2}
+TEXT_UNSHARDED = {"kind": "text"}  # saved before data shards existed
 
 
 def test_what_may_change_and_what_is_refused_with_the_values_that_work():
@@ -44,9 +48,20 @@ def test_what_may_change_and_what_is_refused_with_the_values_that_work():
     assert "ZeRO 1-3" in why and "deepspeed.zero_stage=0" in why
     why = _refusal({**SAVED, "zero_stage": 2}, world=2, stage=3)
     assert "keep deepspeed.zero_stage=2" in why
-    why = _refusal(text=True)
+    # Text continues exactly on up to its data shards; more ranks need data.reshard.
+    assert _refusal(data=TEXT_2_SHARDS, world=1) is None
+    why = _refusal(data=TEXT_2_SHARDS, world=4)
+    assert "read as 2 data shard(s)" in why and "launch 1 to 2 rank(s)" in why
     assert "data.reshard=true" in why and "next epoch" in why
-    assert _refusal(text=True, reshard=True) is None
+    assert _refusal(data=TEXT_2_SHARDS, world=4, reshard=True) is None
+    why = _refusal(data=TEXT_UNSHARDED)
+    assert "before data shards existed" in why and "data.reshard=true" in why
+    assert _refusal(data=TEXT_UNSHARDED, reshard=True) is None
+    # The data shards are fixed for a run, checked even when nothing else changed.
+    why = _refusal(data=TEXT_2_SHARDS, world=2, shards=4)
+    assert "data.elastic_shards: 4" in why and "set 0 or 2" in why
+    assert _refusal(data=TEXT_2_SHARDS, world=2, shards=2) is None
+    assert _refusal(data={"kind": "babilong"}, world=4) is None  # indexed: exact
     old = {k: v for k, v in SAVED.items() if k != "zero_stage"}
     assert "does not record its ZeRO stage" in _refusal(old)
 

@@ -186,6 +186,41 @@ def test_text_evaluation_by_segments_and_index(tmp_path):
     assert three["rmt"]["loss"] == pytest.approx(loss_sum / targets, abs=1e-5)
     assert three["rmt"]["ppl"] == pytest.approx(torch.tensor(loss_sum / targets).exp().item(), rel=1e-5)
 
+    # --baseline: a model reading the whole 3-segment sample at once (segment size 24), its losses
+    # cut at the evaluated model's segment boundaries; independent: its own full forward, the
+    # next-token losses bucketed by position by hand.
+    baseline_dir = tmp_path / "baseline"
+    baseline = tiny_model(segment_size=24, vocab_size=len(tokenizer), seed=1)
+    baseline.save_pretrained(baseline_dir)
+    tokenizer.save_pretrained(baseline_dir)
+    with_base, _, _ = evaluate.evaluate(evaluate.EvalSettings(
+        model=folder, task="text", segments=[1, 3], data=str(text_file), text_batches=2,
+        batch_size=2, out=tmp_path / "eval_base", baseline=baseline_dir))
+    assert "full_attention" in with_base["conditions"]
+    assert with_base["results"][1]["rmt"] == three["rmt"]  # the model's own numbers unchanged
+    pipe = build_pipeline(data_cfg, tokenizer, segment_size=8, micro_batch_size=2, seed=0, split="eval")
+    per_segment, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
+    with torch.no_grad():
+        for _ in range(2):
+            b = pipe.next_batch(3)
+            logits = baseline(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                    b["labels"][:, 1:].flatten(), reduction="none")
+            for pos in range(23):  # the target at pos + 1 belongs to the segment of pos
+                per_segment[pos // 8] += nll.view(2, 23)[:, pos].sum()
+                count[pos // 8] += 2
+    pipe.close()
+    got = with_base["results"][1]["full_attention"]
+    assert got["segment_losses"] == pytest.approx((per_segment / count).tolist(), abs=1e-5)
+    assert got["targets"] == three["rmt"]["targets"]
+    with pytest.raises(evaluate.EvalError, match=r"--baseline .*reads segments of 8 tokens.*"
+                                                 r"model.segment_size >= 24.*at most 1"):
+        evaluate.evaluate(evaluate.EvalSettings(model=folder, task="text", segments=[1, 3],
+                                                data=str(text_file), baseline=folder))
+    with pytest.raises(evaluate.EvalError, match="only --task text"):
+        evaluate.evaluate(evaluate.EvalSettings(model=folder, task="copy", segments=[2],
+                                                baseline=baseline_dir))
+
     # --dtype bf16 really evaluates in bf16: the same batches, close to fp32 but not bit-equal.
     settings.dtype, settings.out = "bf16", tmp_path / "eval_bf16"
     half, _, _ = evaluate.evaluate(settings)

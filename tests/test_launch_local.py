@@ -67,11 +67,61 @@ def test_bad_config_fails_once_before_ranks_start(repo_root, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_sbatch_header_asks_for_multi_node_gpus_and_requeue(repo_root):
+def test_sbatch_header_asks_for_whole_gpu_nodes_no_task_count_and_requeue(repo_root):
     header = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", (repo_root / LAUNCHER).read_text(), re.M))
-    assert int(header["nodes"]) >= 2 and int(header["gpus-per-node"]) == int(header["ntasks-per-node"])
+    assert int(header["nodes"]) >= 2 and int(header["gpus-per-node"]) == 8 and "exclusive" in header
+    # Any task count would fix the job's size: a requeued job could not come back on fewer nodes
+    # (tests/test_slurm_requeue_elastic.py). The launcher lays the tasks out (next test).
+    assert not {"ntasks", "ntasks-per-node", "cpus-per-task"} & set(header), header
     assert "requeue" in header and re.fullmatch(r"B:USR1@\d+", header["signal"])
     assert "%j" in header["output"] and header["open-mode"] == "append"
+
+
+def slurm_layout(repo_root, gpus_seen: int, **env) -> subprocess.CompletedProcess:
+    """The launcher's layout of a job without a task count, from its own functions (sourced)."""
+    script = (f"source {LAUNCHER}; per_node=$(slurm_tasks_per_node {gpus_seen}); "
+              'echo "$per_node $(slurm_cpus_per_task "$per_node")"')
+    return subprocess.run(["bash", "-c", script], cwd=repo_root, capture_output=True, text=True,
+                          env=clean_launch_env(**env), timeout=30)
+
+
+def test_slurm_layout_without_a_task_count_is_one_task_per_gpu_sharing_the_node(repo_root):
+    # (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, GPUs the interpreter sees, SLURM_CPUS_ON_NODE) ->
+    # (tasks, CPUs) per node: Slurm's allocation on this node first, then the job's request, then
+    # the visible GPUs (a cluster without GPU GRES, submitted with --gpus-per-node=0); 1 on CPU.
+    cases = {(8, "8", 8, 112): (8, 14), (None, "h100:4", 0, 64): (4, 16),
+             (None, "0", 4, 16): (4, 4), (None, None, 0, 2): (1, 2), (4, "4", 4, 3): (4, 1),
+             (None, "a100:2,v100:2", 4, 8): (4, 2)}
+    for (given, asked, seen, cpus), expected in cases.items():
+        env = {"SLURM_CPUS_ON_NODE": str(cpus)}
+        if given is not None:
+            env["SLURM_GPUS_ON_NODE"] = str(given)
+        if asked is not None:
+            env["SLURM_GPUS_PER_NODE"] = asked
+        result = slurm_layout(repo_root, seen, **env)
+        assert result.returncode == 0, result.stderr
+        assert tuple(map(int, result.stdout.split())) == expected, (env, seen, result.stdout)
+    # GPUs allocated that the interpreter cannot use: refused, not trained on CPU 8 times over.
+    refused = slurm_layout(repo_root, 0, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="64")
+    assert refused.returncode == 2 and "8 GPU(s) on this node (SLURM_GPUS_ON_NODE)" in refused.stderr
+    assert "--gpus-per-node=0" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_deepspeed_hostfile_has_a_slot_per_gpu_in_a_job_without_a_task_count(repo_root, tmp_path):
+    """launch/deepspeed_slurm_args.sh follows the launcher's rule: Slurm's tasks per node when the
+    job has a task count, else the GPUs per node (one task per node then is Slurm's default)."""
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho n1; echo n2\n")  # show hostnames n[1-2]
+    (tmp_path / "scontrol").chmod(0o755)
+    cases = [({"SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_GPUS_PER_NODE": "h100:4"}, "4"),
+             ({"SLURM_TASKS_PER_NODE": "1(x2)"}, "1"),  # no GPU anywhere: one rank per node
+             ({"SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_GPUS_PER_NODE": "4"}, "2")]
+    for extra, slots in cases:
+        env = {**clean_launch_env(), "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+               "SLURM_JOB_NODELIST": "n[1-2]", "RMT_HOSTFILE": str(tmp_path / "hostfile"), **extra}
+        out = subprocess.run(["bash", "launch/deepspeed_slurm_args.sh"], cwd=repo_root, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "hostfile").read_text() == f"n1 slots={slots}\nn2 slots={slots}\n", extra
 
 
 def test_sigterm_to_launcher_checkpoints_every_rank_and_exits_zero(repo_root, tmp_path):

@@ -19,9 +19,12 @@ from tests.cluster.poll import wait_until
 from tests.cluster.runs import complete_steps, resumed_step, tiny_args, train_log
 
 CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=10"]
-# Slurm keeps a requeued job's task count (seen with 22.05: `scontrol update NumTasks=1` on the
-# pending job changes neither SLURM_NTASKS nor what srun starts), so a smaller allocation means a
-# resubmission with fewer tasks, which then requeues itself like any job.
+# A requeued job keeps its task count (seen with 22.05: `scontrol update NumTasks=1` on the
+# pending job changes neither SLURM_NTASKS nor what srun starts), and this job's comes from
+# --ntasks-per-node, so it comes back smaller as a resubmission with fewer tasks, which then
+# requeues itself like any job. A job with a node range and no task count (the header sets none:
+# `sbatch --nodes=1-2 --gpus-per-node=0 launch/pretrain.sh`) does come back smaller when requeued
+# after losing a node: tests/test_slurm_requeue_elastic.py (two-node cluster).
 ONE_TASK = [*CPU_NODE[:1], "--ntasks-per-node=1", *CPU_NODE[2:]]
 JOB_TIMEOUT_S = 300
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")

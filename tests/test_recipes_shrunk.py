@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,7 +103,11 @@ def shrink(recipe: dict, name: str, data_files: dict | None, tokenizer: Path | N
                       "batches": min(r.get("eval", {}).get("batches", 4), 1),
                       "memory_task_samples": 8}
     ev["memory_task_segments"] = sorted({min(n, 2) for n in ev.get("memory_task_segments", [2])})
-    r["checkpoint"] = {**r.get("checkpoint", {}), "every": STEPS}
+    ck = r["checkpoint"] = {**r.get("checkpoint", {}), "every": STEPS}
+    if ck.get("keep_best"):  # still kept by its metric, at a segment count the shrunk run scores
+        ev["every"] = STEPS
+        ck["keep_best"] = re.sub(r"_\d+seg$", f"_{max(ev['memory_task_segments'])}seg",
+                                 ck["keep_best"])
     r["logging"] = {**r.get("logging", {}), "every": 1, "progress_bar": False}
     r["optim"] = {**r.get("optim", {}), "warmup_steps": 1}
     data = r.setdefault("data", {})

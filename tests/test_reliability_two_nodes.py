@@ -34,13 +34,14 @@ IFACE = "eth0"
 
 
 
-def two_node_conf(root: Path) -> str:
+def two_node_conf(root: Path, cpus: int = 1) -> str:
     """The single-node test cluster's slurm.conf with the controller on n1's address and two
-    nodes: the one place that knows how these daemons are configured stays tests/cluster/slurm.py.
-    slurmctld insists on running on the host it is configured for: the real hostname."""
+    nodes of `cpus` CPUs each: the one place that knows how these daemons are configured stays
+    tests/cluster/slurm.py. slurmctld insists on running on the host it is configured for: the
+    real hostname."""
     conf = SLURM_CONF_TEMPLATE.format(host=socket.gethostname(), ctld_port=6817, slurmd_port=6818,
                                       root=root, munge_socket=root / "munge" / "munge.socket",
-                                      cpus=1)
+                                      cpus=cpus)
     kept = [line for line in conf.splitlines()
             if not line.startswith(("SlurmctldHost=", "NodeName=", "PartitionName=", "KillWait=",
                                     "SlurmdTimeout="))]
@@ -48,7 +49,7 @@ def two_node_conf(root: Path) -> str:
     # a job whose node failed be requeued (launch/pretrain.sh asks for --requeue).
     return "\n".join([*kept, f"SlurmctldHost={socket.gethostname()}({SUBNET}.1)", "KillWait=5",
                       "SlurmdTimeout=10", "JobRequeue=1",
-                      *(f"NodeName={n} NodeAddr={SUBNET}.{i} CPUs=1 State=UNKNOWN"
+                      *(f"NodeName={n} NodeAddr={SUBNET}.{i} CPUs={cpus} State=UNKNOWN"
                         for i, n in enumerate(NODES, start=1)),
                       f"PartitionName=debug Nodes={','.join(NODES)} Default=YES "
                       "MaxTime=INFINITE State=UP OverSubscribe=NO"]) + "\n"
@@ -59,8 +60,9 @@ def sh(*cmd: str) -> None:
 
 
 class TwoNodeCluster:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cpus: int = 1):
         self.root = root
+        self.cpus = cpus
         self.prefix = f"rmt{os.getpid()}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.netns_made: list[str] = []
@@ -115,7 +117,7 @@ class TwoNodeCluster:
     def _start(self) -> "TwoNodeCluster":
         for sub in ("state", "spool", "munge"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        (self.root / "slurm.conf").write_text(two_node_conf(self.root))
+        (self.root / "slurm.conf").write_text(two_node_conf(self.root, self.cpus))
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
@@ -200,16 +202,21 @@ def can_make_namespaces() -> list[str]:
     return [] if probe.returncode == 0 else ["ip netns (needs root / CAP_SYS_ADMIN)"]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def started_two_node_cluster(tmp_path_factory, cpus: int = 1):
+    """A module fixture's body: the cluster (skipped without the software or root), then stopped."""
     require(missing_binaries() + [b for b in ("ip", "nsenter") if shutil.which(b) is None],
             "bash launch/setup.sh --test")
     require(can_make_namespaces(), "run as root")
-    c = TwoNodeCluster(tmp_path_factory.mktemp("two_nodes")).start()
+    c = TwoNodeCluster(tmp_path_factory.mktemp("two_nodes"), cpus).start()
     try:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from started_two_node_cluster(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

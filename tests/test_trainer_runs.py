@@ -330,3 +330,16 @@ def test_elastic_resume_on_four_ranks_and_zero2_from_a_converted_checkpoint(zero
     assert proc.wait(timeout=300) == 0, (runs / "elastic4.console.log").read_text()[-4000:]
     assert marker.stat().st_mtime_ns == converted_at  # cached: not converted twice
     _check_elastic_run(run_dir, zero3_two_ranks, world=4, micro=2)
+
+
+def test_elastic_resume_from_zero3_to_zero1_on_the_same_ranks(zero3_two_ranks, runs):
+    """Issue 22, item 2: a stage change alone (3 -> 1, 2 ranks) also goes through the universal
+    checkpoint, converted on the fly; same checks."""
+    run_dir = _elastic_run_dir(zero3_two_ranks, runs, "elastic_zero1")
+    _, env = pretrain_command(run_dir, 2, [])
+    proc = launch(run_dir, 2, ["deepspeed.zero_stage=1", "batch.micro_batch_size=4",
+                               "batch.global_batch_size=8"],
+                  env={**env, **faults.env(dump_state=str(run_dir / "resumed_state.pt"))})
+    assert proc.wait(timeout=300) == 0, (runs / "elastic_zero1.console.log").read_text()[-4000:]
+    assert (run_dir / "checkpoints" / "step_00000010" / "universal" / "COMPLETE").is_file()
+    _check_elastic_run(run_dir, zero3_two_ranks, world=2, micro=4)

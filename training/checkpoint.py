@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from training import elastic
+from training.data.pipeline import world_state
 from training.run_dir import (CLIENT_STATE_FILE, COMPLETE_MARKER, RMT_CONFIG_FILE, RunDir,
                               complete_checkpoints, rank_file_name, read_json, step_dir_name,
                               step_dirs)
@@ -108,14 +109,16 @@ def verify_checkpoint_files(ckpt_dir: Path) -> dict:
 
 def verify_checkpoint(ckpt_dir: Path, world_size: int, reshard: bool, *,
                       zero_stage: Optional[int] = None, global_batch_size: Optional[int] = None,
-                      text_data: bool = False) -> dict:
+                      elastic_shards: int = 0) -> dict:
     """verify_checkpoint_files, then whether this job (world size, ZeRO stage, global batch,
-    data) can continue it (training.elastic); return its client state. `zero_stage` None: the
-    checkpoint's (no stage change)."""
+    data shards) can continue it (training.elastic); return its client state. `zero_stage`
+    None: the checkpoint's (no stage change)."""
     client_state = verify_checkpoint_files(ckpt_dir)
+    rank0 = ckpt_dir / rank_file_name(0)
+    data_state = read_json(rank0).get("data") if rank0.is_file() else None
     why = elastic.refusal(client_state, world_size=world_size, zero_stage=zero_stage,
-                          global_batch_size=global_batch_size, text_data=text_data,
-                          reshard=reshard)
+                          global_batch_size=global_batch_size, data_state=data_state,
+                          elastic_shards=elastic_shards, reshard=reshard)
     if why:
         raise CheckpointError(f"{ckpt_dir}: {why}")
     return client_state
@@ -165,13 +168,17 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 class CheckpointManager:
-    """Saves and finds the checkpoints of one run; `barrier` synchronises all ranks."""
+    """Saves and finds the checkpoints of one run; `barrier` synchronises all ranks. `protect()`
+    (rank 0, after each save) names steps pruning must keep besides the newest `keep_last`: the
+    best one by an eval metric (checkpoint.keep_best, training/checkpoint_select.py)."""
 
-    def __init__(self, run_dir: Path, rank: int, keep_last: int, barrier: Callable[[], None]):
+    def __init__(self, run_dir: Path, rank: int, keep_last: int, barrier: Callable[[], None],
+                 protect: Callable[[], set[int]] = set):
         self.root = RunDir(run_dir).checkpoints
         self.rank = rank
         self.keep_last = keep_last
         self.barrier = barrier
+        self.protect = protect
 
     def save(self, engine, step: int, client_state: dict, rank_state: dict, rmt_config: dict,
              on_phase: Callable[[str], None] = lambda phase: None) -> Path:
@@ -202,11 +209,12 @@ class CheckpointManager:
         return ckpt
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints; drop older partial ones."""
+        """Keep the newest `keep_last` complete checkpoints and the protected ones; drop older
+        partial ones."""
         done = sorted(complete_checkpoints(self.root))
         if not done:
             return
-        keep = set(done[-self.keep_last:])
+        keep = set(done[-self.keep_last:]) | self.protect()
         for step, folder in step_dirs(self.root).items():
             if step not in keep and step < done[-1]:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -226,6 +234,9 @@ class CheckpointManager:
                 f"world size the checkpoint was written with ({len(saved)})")
         client_state = read_json(ckpt / CLIENT_STATE_FILE)
         rank_state = read_json(rank_path)
+        if universal is not None:  # a new world continues the old one's data as a whole
+            rank_state["data"] = world_state([read_json(ckpt / rank_file_name(r))["data"]
+                                              for r in range(client_state["world_size"])])
         load_dir, tag = (ckpt.parent, ckpt.name) if universal is None else (ckpt, universal.name)
         # DeepSpeed reads the universal layout only when its engine config says so; the flag is
         # raised for this one load (the engine's later saves and loads are native).

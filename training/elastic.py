@@ -11,9 +11,10 @@ converts once and caches it in the checkpoint folder), provided that:
   - the global batch is the checkpoint's: the learning-rate schedule, the curriculum and the data
     position are counted in optimizer steps of that batch (accumulation is re-derived for the new
     world by BatchConfig.for_world);
-  - the data can continue exactly: the memory-task corpus is indexed by global sample, so it
-    continues at the very next sample; streamed text is read per rank (split_dataset_by_node)
-    and its positions cannot be re-split exactly, so a text run needs data.reshard=true, which
+  - the data can continue exactly: the memory-task and babilong corpora are indexed by global
+    sample, so they continue at the very next sample; streamed text is read as the data shards
+    the run started with (data.elastic_shards, training/data/shards.py), which any world of up
+    to that many ranks continues shard by shard; more ranks need data.reshard=true, which
     restarts every source at its next epoch (docs/reliability.md, section 9).
 
 RNG after such a change is re-derived from (run.seed, step, rank): the per-rank generator states
@@ -38,10 +39,18 @@ def resume_mode(saved: dict, world_size: int, zero_stage: Optional[int]) -> str:
 
 
 def refusal(saved: dict, *, world_size: int, zero_stage: Optional[int],
-            global_batch_size: Optional[int], text_data: bool, reshard: bool) -> Optional[str]:
-    """Why a checkpoint with client state `saved` cannot continue on this job, or None.
+            global_batch_size: Optional[int], data_state: Optional[dict] = None,
+            elastic_shards: int = 0, reshard: bool = False) -> Optional[str]:
+    """Why a checkpoint with client state `saved` (and rank 0's saved `data_state`) cannot
+    continue on this job, or None. `elastic_shards`: this job's data.elastic_shards.
 
-    Only a change of world size or stage is judged here; None and NATIVE when nothing changed."""
+    Apart from the data shards (fixed for a run), only a change of world size or stage is
+    judged here; None and NATIVE when nothing changed."""
+    data = data_state or {}
+    shards = data.get("shards") if data.get("kind") == "text" else None
+    if shards is not None and elastic_shards and elastic_shards != shards:
+        return (f"data.elastic_shards: {elastic_shards}, but the run started with {shards} data "
+                f"shards, which it keeps for good: set 0 or {shards}")
     if resume_mode(saved, world_size, zero_stage) == NATIVE:
         return None
     old_world, old_stage = saved.get("world_size"), saved.get("zero_stage")
@@ -69,11 +78,16 @@ def refusal(saved: dict, *, world_size: int, zero_stage: Optional[int],
                 f"{global_batch_size}; set batch.global_batch_size={old_batch} so that the "
                 f"schedule, curriculum and data position continue (accumulation is derived for "
                 f"{world_size} rank(s)), or {same}")
-    if text_data and not reshard:
-        return (f"{was}, {now}; streamed text sources are read per rank and their positions "
-                f"cannot be re-split exactly over another world size: {same}, or set "
-                f"data.reshard=true to restart every source at its next epoch (the rest of the "
-                f"current epoch is skipped)")
+    if data.get("kind") == "text" and not reshard and old_world != world_size:
+        if shards is None:
+            return (f"{was}, {now}; its text positions were saved before data shards existed "
+                    f"and cannot be re-split over another world size: {same}, or set "
+                    f"data.reshard=true to restart every source at its next epoch")
+        if world_size > shards:
+            return (f"{was}, {now}; its text is read as {shards} data shard(s) "
+                    f"(data.elastic_shards, fixed when the run started), so at most {shards} "
+                    f"rank(s) continue it exactly: launch 1 to {shards} rank(s), or set "
+                    f"data.reshard=true to restart every source at its next epoch")
     return None
 
 

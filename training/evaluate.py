@@ -2,7 +2,8 @@
 
     python -m training.evaluate --model DIR_OR_RUN --task copy|reverse|assoc|text|babilong-qa1
                                 [--segments 1,2,4,8,16,32] [--data CONFIG_OR_TEXT] [--out DIR]
-                                [--device auto|cpu|cuda|cuda:N] [--dtype auto|fp32|bf16|fp16]
+                                [--device auto|cpu|cuda|cuda:N] [--dtype auto|fp32|bf16|fp16] [--step N|best]
+                                [--baseline DIR_OR_RUN]  (text: a full-attention model beside them)
 
 Every number comes with its controls, computed on the same samples with the same weights:
   rmt           the model as trained: memory carried from segment to segment
@@ -19,19 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from model import IGNORE_INDEX
-from model.segments import shifted_targets
-from training import eval_babilong, run_dir
-from training import scoring
+from training import checkpoint_select, eval_babilong, eval_text, run_dir, scoring
 from training.monitor import quiet_hub_progress_bars
 from training.compute import ComputeError, add_compute_args, resolve_compute
 from training.eval_report import format_table, plot
@@ -57,6 +54,8 @@ class EvalSettings:
     text_batches: int = 8  # text: batches per number of segments
     batch_size: int = 32
     generate_checks: int = 4  # memory tasks: samples re-checked with generate() per segment count
+    step: checkpoint_select.Selector | None = None  # runs: which checkpoint (default: the newest)
+    baseline: Path | None = None  # text: a full-attention model beside the conditions (eval_text.py)
     seed: int = 0
     device: str = "auto"  # training/compute.py
     dtype: str = "auto"
@@ -73,17 +72,33 @@ class EvalSettings:
             raise EvalError(f"--generate-checks {self.generate_checks}: must be >= 0")
         if not self.model.is_dir():
             raise EvalError(f"--model {self.model}: no such directory (an exported folder or runs/NAME)")
+        if self.baseline is not None and self.task != "text":
+            raise EvalError(f"--baseline {self.baseline}: only --task text compares with a full-attention model")
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def find_model(path: Path) -> ModelSource:
-    """An exported folder or a run (its newest complete checkpoint), found without loading weights."""
+def find_model(path: Path, step: checkpoint_select.Selector | None = None) -> ModelSource:
+    """An exported folder or a run (its newest checkpoint, or `step`'s), found without loading weights."""
     try:
-        return run_dir.find_model(path)
+        return checkpoint_select.find_model(path, step)
     except run_dir.RunDirError as exc:
         raise EvalError(f"--model {path}: {exc}") from None
+
+
+def find_baseline(settings: EvalSettings, source: ModelSource) -> ModelSource | None:
+    """The --baseline model, checked to read the longest sample at once (eval_text.py)."""
+    if settings.baseline is None:
+        return None
+    try:
+        baseline = checkpoint_select.find_model(settings.baseline, None)
+    except run_dir.RunDirError as exc:
+        raise EvalError(f"--baseline {settings.baseline}: {exc}") from None
+    why = eval_text.baseline_problem(baseline.segment_size, source.segment_size, settings.segments)
+    if why:
+        raise EvalError(f"--baseline {settings.baseline}: {why}")
+    return baseline
 
 
 def data_section(path: Path):
@@ -241,52 +256,10 @@ def evaluate_memory_task(model, tokenizer, settings: EvalSettings, task_cfg, bat
 # --------------------------------------------------------------------------- text
 
 
-def segment_token_losses(model, condition: str, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum [N], target count [N]) per segment index, targets shifted over the whole sequence."""
-    targets = shifted_targets(labels, attention_mask).to(model.device)
-    sums, counts = [], []
-    for start, end, logits in segment_logits(model, condition, input_ids, attention_mask):
-        y = targets[:, start:end]
-        sums.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                    reduction="sum"))
-        counts.append((y != IGNORE_INDEX).sum())
-    return torch.stack(sums).double().cpu(), torch.stack(counts).cpu()
-
-
-def evaluate_text(model, tokenizer, settings: EvalSettings, data_cfg) -> dict:
-    from training.data import build_pipeline
-
-    rows = []
-    pipe = build_pipeline(data_cfg, tokenizer, segment_size=model.config.segment_size,
-                          micro_batch_size=settings.batch_size, rank=0, world_size=1,
-                          seed=settings.seed, split="eval")
-    start = pipe.state_dict()
-    try:
-        for n_seg in settings.segments:
-            pipe.load_state_dict(start)  # every segment count reads the eval stream from its start
-            sums = {c: torch.zeros(n_seg, dtype=torch.float64) for c in CONDITIONS}
-            counts = {c: torch.zeros(n_seg, dtype=torch.long) for c in CONDITIONS}
-            for _ in range(settings.text_batches):
-                batch = pipe.next_batch(n_seg)
-                for condition in CONDITIONS:
-                    s, n = segment_token_losses(model, condition, batch["input_ids"], batch["attention_mask"],
-                                                batch["labels"])
-                    sums[condition] += s
-                    counts[condition] += n
-            rows.append(text_row(n_seg, model.config.segment_size, sums, counts))
-    finally:
-        pipe.close()
-    return {"metric": "loss", "results": rows}
-
-
-def text_row(n_seg: int, segment_size: int, sums: dict, counts: dict) -> dict:
-    row = {"num_segments": n_seg, "tokens": n_seg * segment_size}
-    for condition in CONDITIONS:
-        loss = (sums[condition].sum() / counts[condition].sum()).item()
-        per_segment = (sums[condition] / counts[condition].clamp(min=1)).tolist()
-        row[condition] = {"loss": loss, "ppl": math.exp(loss), "segment_losses": per_segment,
-                          "targets": int(counts[condition].sum())}
-    return row
+def segment_token_losses(model, condition: str, input_ids, attention_mask, labels):
+    """(loss sum [N], target count [N]) per segment index under `condition` (eval_text.py)."""
+    return eval_text.segment_token_losses(model, condition, input_ids, attention_mask, labels,
+                                          segment_logits)
 
 
 # --------------------------------------------------------------------------- report
@@ -315,20 +288,26 @@ def evaluate(settings: EvalSettings) -> tuple[dict, Path, Path]:
     """Run the evaluation; returns (report, json path, png path). Inputs are checked before loading."""
     settings.validate()
     compute = resolve_compute(settings.device, settings.dtype)  # ComputeError: bad input, too
-    source = find_model(settings.model)
+    source = find_model(settings.model, settings.step)
     data_cfg = load_data_config(settings, source)
     data_cfg = eval_babilong.babilong_data_config(settings.task, data_cfg)  # babilong-*: narrowed, checked
     if settings.task != "text" and settings.task not in eval_babilong.BABILONG_TASKS:
         task_cfg = single_task_config(data_cfg, TASKS[settings.task], settings.segments, source.segment_size)
+    baseline = find_baseline(settings, source)
     out_dir = settings.out or default_out_dir(source)
     quiet_hub_progress_bars()
     loaded = load_model(source, compute.device, compute.dtype)
     model = loaded.model
+    if baseline is not None:
+        baseline = load_model(baseline, compute.device, compute.dtype)
+        if baseline.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            raise EvalError(f"--baseline {settings.baseline}: its tokenizer is not the model's")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     with torch.no_grad():
         if settings.task == "text":
-            body = evaluate_text(model, loaded.tokenizer, settings, data_cfg)
+            body = eval_text.evaluate_text(model, loaded.tokenizer, settings, data_cfg, CONDITIONS, segment_logits,
+                                           baseline and baseline.model)
         elif settings.task in eval_babilong.BABILONG_TASKS:
             body = eval_babilong.evaluate_babilong(model, loaded.tokenizer, settings, data_cfg, evaluate_memory_task)
         else:
@@ -344,6 +323,8 @@ def evaluate(settings: EvalSettings) -> tuple[dict, Path, Path]:
             "rmt": "memory carried across segments",
             "no_memory": "backbone alone on each segment, no memory tokens",
             "memory_reset": "RMT on each segment alone, memory reset to M0",
+            **({eval_text.FULL_ATTENTION: f"{baseline.description['model']} (--baseline) reading the whole sample at once"}
+               if baseline is not None else {}),
         },
         **body,
     }
@@ -378,6 +359,10 @@ def parse_args(argv=None) -> EvalSettings:
     parser.add_argument("--generate-checks", type=int, default=4,
                         help="memory tasks: samples per segment count re-checked with generate()")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out samples / eval stream")
+    parser.add_argument("--step", type=checkpoint_select.selector_arg, help=checkpoint_select.SELECTOR_HELP)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="text: a model that reads the whole sample at once (an RMT run or export with "
+                             "segment size >= the longest sample), reported as full_attention")
     add_compute_args(parser)
     args = parser.parse_args(argv)
     return EvalSettings(**vars(args))

@@ -1,6 +1,6 @@
 """Export a training checkpoint as a Hugging Face model folder, verify it, optionally upload it.
 
-    python -m training.export --run runs/NAME [--step N] --out DIR [--push-to-hub REPO_ID [--private]]
+    python -m training.export --run runs/NAME [--step N|best] --out DIR [--push-to-hub REPO_ID [--private]]
                               [--device auto|cpu|cuda|cuda:N] [--dtype auto|fp32|bf16|fp16]
 
 Steps: consolidate the (any ZeRO stage) DeepSpeed checkpoint into one fp32 state dict, load it
@@ -29,11 +29,12 @@ from pathlib import Path
 
 from training.monitor import quiet_hub_progress_bars
 from training.compute import Compute, ComputeError, add_compute_args, resolve_compute
+from training.checkpoint_select import SELECTOR_HELP, Selector, resolve, selector_arg
 from training.config.sections import ExportConfig
 from training.export_verify import RELOAD_ATOL, ExportVerificationError, verify_in_fresh_process
 from training.model_card import model_card
 from training.run_dir import (CLIENT_STATE_FILE, RMT_CONFIG_FILE, RunDir, RunDirError, load_checkpoint_model,
-                              load_tokenizer, read_json, read_run_config, resolve_checkpoint)
+                              load_tokenizer, read_json, read_run_config)
 
 log = logging.getLogger("training.export")
 
@@ -85,11 +86,12 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def read_inputs(run_dir: Path, step: int | None) -> ExportInputs:
-    """The checkpoint (`step`, or the newest complete one), its client state, the run's config and
-    tokenizer; rmt_config.json is checked to be there."""
+def read_inputs(run_dir: Path, step: int | Selector | None) -> ExportInputs:
+    """The checkpoint (`step`, a step number or a --step selection of training/checkpoint_select.py,
+    or the newest complete one), its client state, the run's config and tokenizer; rmt_config.json
+    is checked to be there."""
     with _bad_input():
-        checkpoint_dir = resolve_checkpoint(run_dir, step)
+        checkpoint_dir = resolve(run_dir, Selector(step=step) if isinstance(step, int) else step)
         client_state = read_json(checkpoint_dir / CLIENT_STATE_FILE)
         if "step" not in client_state:
             raise ExportError(f"{checkpoint_dir / CLIENT_STATE_FILE}: no 'step' field")
@@ -227,7 +229,7 @@ def push_folder(folder: Path, repo_id: str, private: bool, token: str, message: 
 def export_run(
     run_dir,
     out_dir,
-    step: int | None = None,
+    step: int | Selector | None = None,
     push_to_hub: str | None = None,
     private: bool = False,
     max_shard_size: str = "5GB",
@@ -272,7 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="run directory (runs/NAME)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest complete)")
+    parser.add_argument("--step", type=selector_arg, default=None, help="checkpoint: " + SELECTOR_HELP)
     parser.add_argument("--out", required=True, type=Path, help="new (or empty) output directory")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                         help="upload the verified folder (token from HF_TOKEN or the login cache)")
@@ -282,8 +284,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.private and args.push_to_hub is None:
         parser.error("--private only applies with --push-to-hub")
-    if args.step is not None and args.step < 0:
-        parser.error(f"--step {args.step}: must be >= 0")
     return args
 
 

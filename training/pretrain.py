@@ -129,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             verify_checkpoint(resume_from, dist.world_size, cfg.data.reshard,
                               zero_stage=cfg.deepspeed.zero_stage,
                               global_batch_size=cfg.batch.for_world(dist.world_size)
-                              .global_batch_size, text_data=cfg.data.source != "memory_tasks")
+                              .global_batch_size, elastic_shards=cfg.data.elastic_shards)
     except CheckpointError as e:
         destroy()
         return fail(f"cannot resume: {e}", dist.rank)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from training import checkpoint as ckpt_lib, micro_steps
-from training import elastic
+from training import checkpoint_select, elastic
 from training.answer_eval import ANSWER_SOURCES, AnswerEvalSets
 from training.config import TrainConfig
 from training.distributed import DistInfo, barrier
@@ -109,8 +109,10 @@ class Trainer:
                           if cfg.eval.batches > 0 else None)
         self.eval_pipe_start = self.eval_pipe.state_dict() if self.eval_pipe else None
         self.answer_sets = AnswerEvalSets(cfg, self.tokenizer)
+        keep_best = checkpoint_select.best_keeper(self.run_dir, cfg.checkpoint.keep_best,
+                                                  cfg.checkpoint.best_mode)
         self.ckpt = ckpt_lib.CheckpointManager(self.run_dir, dist.rank, cfg.checkpoint.keep_last,
-                                               barrier)
+                                               barrier, keep_best)
         self.peak_flops = peak_flops_per_device(cfg.logging.peak_tflops)
         self.gpu = self.device.type == "cuda"
         # Last in setup: a fresh run's random draws then depend only on (seed, rank); resume()

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+from training import checkpoint_select
 from training.config.sections import TrainConfig
 
 
@@ -57,6 +58,8 @@ def validate(cfg: TrainConfig, world_size: Optional[int] = None, accelerator=Non
         problems += _data_file_problems(cfg)
     if not ({"data", "eval"} & skip):
         problems += _eval_data_problems(cfg)
+    if sound("checkpoint", "eval", "data"):
+        problems += checkpoint_select.config_problems(cfg)
     return problems
 
 

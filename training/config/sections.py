@@ -194,6 +194,12 @@ class CheckpointConfig:
                          "deleted)")
     resume: str = doc("auto", "auto (newest complete checkpoint of this run, if any), never, or a "
                       "checkpoint folder path")
+    keep_best: str = doc("", "eval metric (e.g. eval/memory_exact_match_64seg) whose best "
+                         "checkpoint is kept out of keep_last pruning and recorded in "
+                         "runs_dir/name/best_checkpoint.json (training/checkpoint_select.py); "
+                         "empty = off")
+    best_mode: Literal["max", "min"] = doc("max", "whether a higher (max) or a lower (min) "
+                                           "keep_best is better")
 
     def problems(self) -> list[str]:
         out = at_least(self, "checkpoint", every=0, keep_last=1)

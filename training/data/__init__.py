@@ -12,8 +12,9 @@ from training.data.curriculum import CurriculumConfig, SegmentCurriculum
 from training.data.errors import DataSourceError, DataStateError
 from training.data.pipeline import build_pipeline
 from training.data.babilong_pipeline import BabilongPipeline  # registers data.source babilong
+from training.data.text_pipeline import TextPipeline  # registers data.source text
 from training.data.tokenization import build_tokenizer
 
 __all__ = ["DataConfig", "MemoryTaskConfig", "SourceConfig", "CurriculumConfig",
            "SegmentCurriculum", "DataSourceError", "DataStateError", "build_pipeline",
-           "build_tokenizer", "BabilongPipeline"]
+           "build_tokenizer", "BabilongPipeline", "TextPipeline"]

@@ -220,10 +220,14 @@ class DataConfig:
                                                factory=MemoryTaskConfig)
     babilong: BabilongConfig = described(text="BABILong-style stories (data.source babilong)",
                                          factory=BabilongConfig)
-    reshard: bool = described(False, "allow resuming a data state saved with another world size "
-                                     "where it cannot continue exactly: text sources restart at "
-                                     "the next epoch (memory tasks continue exactly without it "
-                                     "when the global batch is kept; docs/reliability.md 9)")
+    elastic_shards: int = described(
+        0, "text: data shards the sources are read as, dealt to the ranks (0 = the world size "
+           "of the run's first start); fixed for the run, so a resume on any world size up to it "
+           "continues every document exactly once (docs/reliability.md 9)")
+    reshard: bool = described(False, "allow resuming a data state where it cannot continue "
+                                     "exactly: text on more ranks than data.elastic_shards "
+                                     "restarts every source at its next epoch (memory tasks and "
+                                     "babilong continue exactly when the global batch is kept)")
 
     def problems(self) -> list[str]:
         out = []
@@ -254,6 +258,9 @@ class DataConfig:
             out.append(f"data.eval_fraction: {self.eval_fraction} must be in [0, 1)")
         if self.shuffle_buffer < 0:
             out.append(f"data.shuffle_buffer: {self.shuffle_buffer} must be >= 0")
+        if self.elastic_shards < 0:
+            out.append(f"data.elastic_shards: {self.elastic_shards} must be >= 0 (0 = the world "
+                       f"size of the first start)")
         if self.prefetch_documents < 1:
             out.append(f"data.prefetch_documents: {self.prefetch_documents} must be >= 1")
         return out

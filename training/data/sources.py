@@ -127,14 +127,16 @@ class SourceReader:
     """Endless, window-shuffled documents of one source for one rank, with exact positions."""
 
     def __init__(self, src: SourceConfig, source_index: int, rank: int, world_size: int,
-                 seed: int, shuffle_buffer: int, holdout: Holdout):
+                 seed: int, shuffle_buffer: int, holdout: Holdout, dataset=None):
+        """`rank` of `world_size`: the part of the source read (a data shard, training/data/
+        shards.py); `dataset`: load_source(src) when the caller already has it."""
         self.src, self.index, self.rank, self.world_size = src, source_index, rank, world_size
         self.seed, self.holdout = seed, holdout
         self.shuffle = shuffle_buffer > 1
         self.window_size = shuffle_buffer if self.shuffle else UNSHUFFLED_WINDOW
         self.is_txt = is_local_pattern(src.path_or_name) and _local_format(
             resolve_local_files(src.path_or_name, "data source")) == "text"
-        self._source = load_source(src)
+        self._source = load_source(src) if dataset is None else dataset
         self.restore(START)
 
     def _open(self):
@@ -243,14 +245,22 @@ class DocumentMixture:
             reader.restore(p)
         self.draws = pos.draws
 
+    @property
+    def position(self) -> MixturePosition:
+        """The position that re-yields the next document."""
+        return MixturePosition(self.draws, tuple(r.position for r in self.readers))
+
+    def next_document(self) -> tuple[str, MixturePosition]:
+        """The next document and the position that re-yields it."""
+        s = 0
+        if len(self.readers) > 1:
+            s = int(rng.weighted_choice(self.weights, self.seed, "mixture", self.rank,
+                                        self.draws)[0])
+        text, before = self.readers[s].next_document()
+        positions = tuple(before if i == s else r.position for i, r in enumerate(self.readers))
+        self.draws += 1
+        return text, MixturePosition(self.draws - 1, positions)
+
     def __iter__(self) -> Iterator[tuple[str, MixturePosition]]:
         while True:
-            s = 0
-            if len(self.readers) > 1:
-                s = int(rng.weighted_choice(self.weights, self.seed, "mixture", self.rank,
-                                            self.draws)[0])
-            text, before = self.readers[s].next_document()
-            positions = tuple(before if i == s else r.position
-                              for i, r in enumerate(self.readers))
-            yield text, MixturePosition(self.draws, positions)
-            self.draws += 1
+            yield self.next_document()
