@@ -28,9 +28,12 @@ RESHARD_HINT = ("set data.reshard=true to continue anyway (memory tasks: at the 
                 "sample; text: every rank restarts its sources at the next epoch)")
 
 
+WORLD = "world"  # the key of a whole saved world's states
+
+
 def world_state(states: list[dict]) -> dict:
     """Every rank's saved data state as one state that any rank of another world loads."""
-    return {"world": list(states)}
+    return {WORLD: list(states)}
 
 
 # Corpora with their own modules register here (training/data/__init__.py imports them), so this
@@ -126,8 +129,8 @@ class IndexedPipeline(_Pipeline):
                 "task_counts": self._task_counts.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        if "world" in state:  # every rank of a world is at the same counter; this rank's counts
-            saved = state["world"]
+        if WORLD in state:  # every rank of a world is at the same counter; this rank's counts
+            saved = state[WORLD]
             state = next((s for s in saved if s.get("rank") == self.rank), saved[0])
         for key, mine in self._extra_state().items():
             if state.get(key) != mine:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from training.data import pipeline
+from training.data.pipeline import WORLD
 from training.data.errors import DataSourceError, DataStateError
 from training.data.packing import PACKER_COUNTERS, Packer, labels_for
 from training.data.prefetch import BackgroundTokenizer
@@ -24,9 +25,6 @@ from training.data.shards import (RankPosition, RankStream, merge_world, next_ep
                                   owned_shards, reader_totals, start_position, unpacked_tokens)
 from training.data.sources import (DocumentMixture, Holdout, MixturePosition, SourceReader,
                                    check_text_field, load_source)
-
-WORLD = "world"  # key of a whole saved world's states, pipeline.world_state
-
 
 def _upgraded(state: dict) -> dict:
     """A state written before data shards existed is that of shard = rank of V = world size."""
