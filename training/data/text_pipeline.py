@@ -132,7 +132,7 @@ class TextPipeline(pipeline._Pipeline):
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's own saved state, or a whole saved world's (pipeline.world_state), which a
-        world of up to its data shards continues exactly, one of more ranks with data.reshard."""
+        world of up to its data shards continues exactly, a world of more ranks only with data.reshard."""
         states = [self._checked(s) for s in (state[WORLD] if WORLD in state else [state])]
         old = states[0]
         same_world = old["world_size"] == self.world_size
