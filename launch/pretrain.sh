@@ -255,6 +255,13 @@ launch_local() {
         configure_cpu_allocator
     fi
     positive_int RMT_NPROC "$nproc"
+    # CPU ranks take OMP_NUM_THREADS as their thread count (training/distributed.py); torchrun
+    # would set an unset one to 1, so the default, this machine's CPUs shared out, is set here.
+    if [[ "$gpus" -eq 0 && -z "${OMP_NUM_THREADS:-}" ]]; then
+        local cpus
+        cpus=$(nproc)
+        export OMP_NUM_THREADS=$(( cpus / nproc > 0 ? cpus / nproc : 1 ))
+    fi
     log "local run: $nproc process(es) on $(hostname), $gpus GPU(s)"
     preflight "$nproc" "$@"
     local status=0

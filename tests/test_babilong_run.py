@@ -13,6 +13,7 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+import pytest
 import yaml
 
 from tests.test_data_babilong import write_filler
@@ -31,17 +32,23 @@ MATPLOTLIB_COLORS = {"rmt": (0x1F, 0x77, 0xB4), "no_memory": (0xFF, 0x7F, 0x0E),
                      "memory_reset": (0x2C, 0xA0, 0x2C), "majority_answer": (0xD6, 0x27, 0x28)}
 
 
-def shrunk_recipe(tmp_path: Path) -> Path:
-    raw = yaml.safe_load((REPO / "configs" / "babilong_qa1.yaml").read_text())
+# Every BABILong recipe (tests/test_recipes_shrunk.py leaves them to this file); the CPU one runs
+# for about an hour as shipped, so this is its smoke version too.
+RECIPES = sorted(p.name for p in (REPO / "configs").glob("babilong*.yaml"))
+
+
+def shrunk_recipe(tmp_path: Path, recipe: str) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / recipe).read_text())
     r = shrink(raw, "babilong_qa1", None, None)
     r["run"].update(max_steps=STEPS, export=False)  # evaluated from its checkpoint
     r["model"]["segment_size"] = SEGMENT
     r["model"]["max_sequence_length"] = SEGMENT * max(n for _, n in r["curriculum"]["schedule"])
     r["model"]["backbone"]["vocab_size"] = 400
     r["data"]["sources"] = [{"path_or_name": str(write_filler(tmp_path / "filler.jsonl"))}]
+    r["data"].pop("eval_sources", None)  # held out of the one filler file instead
     r["data"]["tokenizer"] = str(tmp_path / "tok")
     r["data"]["eval_fraction"] = 0.2
-    r["data"]["babilong"].update(facts=2, filler_chars=100_000)
+    r["data"]["babilong"].update(facts=4, filler_chars=100_000)  # qa1: a move per person
     r["eval"]["batches"] = 1  # the held-out babilong loss runs too
     r["eval"].update(memory_task_segments=[2], memory_task_samples=8)
     path = tmp_path / "babilong_qa1.yaml"
@@ -49,8 +56,9 @@ def shrunk_recipe(tmp_path: Path) -> Path:
     return path
 
 
-def test_babilong_recipe_trains_and_evaluates_with_its_controls(tmp_path, capsys):
-    recipe = shrunk_recipe(tmp_path)
+@pytest.mark.parametrize("recipe_name", RECIPES)
+def test_babilong_recipe_trains_and_evaluates_with_its_controls(recipe_name, tmp_path, capsys):
+    recipe = shrunk_recipe(tmp_path, recipe_name)
     code = tokenizer_main(["--config", str(recipe), "--vocab-size", "400", "--out",
                            str(tmp_path / "tok")])
     assert code == 0, capsys.readouterr().err[-3000:]
@@ -82,7 +90,7 @@ def test_babilong_recipe_trains_and_evaluates_with_its_controls(tmp_path, capsys
     # The majority rate, recomputed from the held-out stories themselves (seed 0's eval stream).
     seed = eval_seed(0)
     secret = int(rng.hash64(seed, "babilong-secret")[0])
-    answers = [generate_story("qa1", i, seed, secret, facts=2, people=4, places=6, objects=3).answer
+    answers = [generate_story("qa1", i, seed, secret, facts=4, people=4, places=6, objects=3).answer
                for i in range(24)]
     for row, n in zip(report["results"], (1, 2)):
         assert row["num_segments"] == n and row["tokens"] == n * SEGMENT and row["samples"] == 24

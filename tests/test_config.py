@@ -15,6 +15,7 @@ from training.config import (ConfigError, DeepSpeedConfig, config_reference_mark
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+STDLIB_CORPUS = "runs/stdlib_text"
 TEMPLATES = sorted((REPO / "ds_configs").glob("*.json"))
 
 
@@ -45,8 +46,33 @@ def assert_subset(given, resolved, where):
         assert given == resolved, where
 
 
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory) -> Path:
+    """A folder holding runs/stdlib_text as `python -m training.data.stdlib_corpus` writes it: the
+    CPU text and BABILong recipes name that corpus relative to where they run, and a fresh clone
+    has none until the user writes it (their header says how)."""
+    from training.data import stdlib_corpus
+    from training.tokenizer import main as train_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus_root")
+    stdlib_corpus.write_corpus(root / STDLIB_CORPUS, eval_every=10)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:  # each recipe's tokenizer folder, trained on a little of the corpus (seconds)
+        for recipe in RECIPES:
+            tokenizer = (yaml.safe_load(recipe.read_text()).get("data") or {}).get("tokenizer", "")
+            if tokenizer.startswith(f"{STDLIB_CORPUS}/") and not Path(tokenizer).exists():
+                assert train_tokenizer(["--config", str(recipe), "--vocab-size", "512",
+                                        "--max-documents", "40", "--out", tokenizer]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_recipe_loads_and_validates(recipe):
+def test_recipe_loads_and_validates(recipe, corpus_root, monkeypatch):
+    if f"{STDLIB_CORPUS}/" in recipe.read_text():
+        monkeypatch.chdir(corpus_root)
     world = fitting_world_size(recipe)
     cfg = load_config(recipe, [], world_size=world)
     raw = yaml.safe_load(recipe.read_text())

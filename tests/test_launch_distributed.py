@@ -80,6 +80,10 @@ def test_threads_per_rank(monkeypatch):
     assert D.threads_per_rank(2, {"SLURM_CPUS_PER_TASK": "3"}) == 3
     assert D.threads_per_rank(1, {}) == len(os.sched_getaffinity(0))
     assert D.threads_per_rank(10_000, {}) == 1
+    # The user's OMP_NUM_THREADS wins over both (runs side by side on one machine).
+    assert D.threads_per_rank(1, {"OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "3"}) == 1
+    with pytest.raises(D.DistributedSetupError, match="OMP_NUM_THREADS='x'"):
+        D.threads_per_rank(1, {"OMP_NUM_THREADS": "x"})
 
 
 def test_mpi_singletons_under_srun_are_refused(monkeypatch):

@@ -78,6 +78,9 @@ def test_zero3_two_ranks_matches_zero0_one_rank(zero3_two_ranks, runs):
     """Same global batch of 8 (2 ranks x 4 vs 1 rank x 8), fp32: same loss curve within 1e-4."""
     run_dir = runs / "zero0"
     run(run_dir, 1, ["deepspeed.zero_stage=0", "batch.micro_batch_size=8"])
+    # The user's OMP_NUM_THREADS=1 (pretrain_command) holds for a lone rank too: runs placed side
+    # by side must not each take every core (training/distributed.py threads_per_rank).
+    assert "1 CPU thread(s) per rank" in (run_dir / "train.log").read_text()
     a, b = train_losses(zero3_two_ranks), train_losses(run_dir)
     assert sorted(a) == sorted(b) == list(range(1, 21))
     diffs = [abs(a[s] - b[s]) for s in a]

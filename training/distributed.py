@@ -206,7 +206,14 @@ def _mpi_port_and_local_size() -> tuple[int, int]:
 
 
 def threads_per_rank(local_world_size: int, env=None) -> int:
+    """Intra-op threads of one CPU rank: the user's OMP_NUM_THREADS, else Slurm's CPUs per task,
+    else this node's CPUs shared between its ranks. OMP_NUM_THREADS comes first because runs
+    placed side by side on one machine (each RMT_NPROC=1 OMP_NUM_THREADS=1) would otherwise each
+    take every core and slow one another down many times over. torchrun sets it to 1 when unset,
+    so launch/pretrain.sh exports the per-rank share before starting torchrun."""
     env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return max(1, _int_var(env, "OMP_NUM_THREADS"))
     if env.get("SLURM_CPUS_PER_TASK"):
         return max(1, _int_var(env, "SLURM_CPUS_PER_TASK"))
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))

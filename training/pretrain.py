@@ -145,6 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
     """Train; returns (exit status, outcome: 'done' | 'preempted' | 'failed')."""
+    import torch
+
     from training.checkpoint import CheckpointError, write_atomic
     from training.data.errors import DataSourceError, DataStateError
     from training.data.rank0_first import resolve_rank0_first
@@ -158,9 +160,10 @@ def _run(cfg: TrainConfig, dist, resume_from) -> tuple[int, str]:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     setup_logging(RunDir(run_dir).log if dist.rank == 0 else None, dist.rank)
-    log.info("run %s on %d rank(s) (%s), ZeRO-%d, %s, batch %s\n%s", cfg.run.name,
-             dist.world_size, dist.launcher, cfg.deepspeed.zero_stage, cfg.deepspeed.precision,
-             cfg.batch.describe(dist.world_size), where(cfg))
+    threads = "" if dist.device is not None else f", {torch.get_num_threads()} CPU thread(s) per rank"
+    log.info("run %s on %d rank(s) (%s)%s, ZeRO-%d, %s, batch %s\n%s", cfg.run.name,
+             dist.world_size, dist.launcher, threads, cfg.deepspeed.zero_stage,
+             cfg.deepspeed.precision, cfg.batch.describe(dist.world_size), where(cfg))
 
     trainer = Trainer(cfg, dist)
     monitor = wandb_run = None

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from training.data.babilong import MIN_FACTS, OBJECTS, PEOPLE, PLACES, QA_TASKS
+from training.data.babilong import OBJECTS, PEOPLE, PLACES, QA_TASKS, min_facts
 from training.data.errors import DataSourceError
 from training.data.memory_vocab import MAX_ALPHABET, MAX_FILLER, VOCAB
 
@@ -158,7 +158,8 @@ class BabilongConfig:
     weights: Optional[list[float]] = described(None, "mixture weights of `tasks` (null = equal)")
     babi_path: Optional[str] = described(None, "original bAbI task file or glob (numbered-line "
                                                "format), read when tasks lists file")
-    facts: int = described(6, "facts per generated story (qa2 and qa3 need >= 6)")
+    facts: int = described(6, "facts per generated story (qa1 needs >= people, qa2 and "
+                                 "qa3 >= 5 x objects)")
     people: int = described(4, f"people the generated stories name (2..{len(PEOPLE)})")
     places: int = described(6, f"places, the possible answers (3..{len(PLACES)})")
     objects: int = described(3, f"objects carried in qa2/qa3 stories (1..{len(OBJECTS)})")
@@ -183,9 +184,13 @@ class BabilongConfig:
                        f"tasks lists {BABI_FILE!r} (tasks: {self.tasks})")
         elif self.babi_path and not glob.glob(os.path.expanduser(self.babi_path)):
             out.append(f"{where}.babi_path: {self.babi_path!r} matches no file")
-        need = max([MIN_FACTS[t] for t in self.tasks if t in MIN_FACTS], default=1)
+        need = max([min_facts(t, self.people, self.objects) for t in self.tasks
+                    if t in QA_TASKS], default=1)
         if self.facts < need:
-            out.append(f"{where}.facts: {self.facts} must be >= {need} for tasks {self.tasks}")
+            carry = {"qa2", "qa3"} & set(self.tasks)
+            out.append(f"{where}.facts: {self.facts} must be >= {need} for tasks {self.tasks} "
+                       f"(qa1: a move per person" + (f", qa2/qa3: 5 per object; or lower "
+                                                     f"{where}.objects)" if carry else ")"))
         for name, low, names in (("people", 2, PEOPLE), ("places", 3, PLACES),
                                  ("objects", 1, OBJECTS)):
             if not low <= getattr(self, name) <= len(names):
