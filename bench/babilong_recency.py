@@ -1,10 +1,12 @@
 """Does a BABILong qa1 model find the person's LAST move, or any move of theirs? (docs/results.md
 section 5)
 
-A qa1 story moves the person asked about 1 to 3 times among distractor facts; the answer is the
-last place. A model that has learned which facts are about the person but not which of them is
-the latest picks among that person's places: it is right on every 1-move story, on about half of
-the 2-move ones, and so on. This script scores the held-out stories `training.evaluate --task
+A qa1 story moves every person at least once, the person asked about once or more; the answer is
+that person's last place. A model that has learned which facts are about the person but not
+which of them is the latest picks among that person's places: it is right on every 1-move story,
+on about half of the 2-move ones, and so on; one that ignores the question does no better on
+1-move stories than on others (and on the first generator, which moved the asked person more
+than anyone, it did better the more that person moved: docs/results.md section 5.1). This script scores the held-out stories `training.evaluate --task
 babilong-qa1` scores (same seed, same samples) and splits exact match by the number of the
 person's moves, beside two scores computed from the stories alone, not from the model:
 `any_move`, a reader that picks one of the person's moves uniformly at random, and
