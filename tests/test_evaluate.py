@@ -25,6 +25,21 @@ def tiny_model(segment_size=8, num_mem_tokens=2, vocab_size=VOCAB, seed=0) -> RM
     return RMTForCausalLM(config).eval()
 
 
+def text_model(tmp_path: Path, lines: list[str]):
+    """(text file of `lines`, exported folder, its BPE tokenizer trained on them, the tiny model)."""
+    from training.data.tokenization import train_bpe_tokenizer
+
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text("\n".join(lines))
+    folder = tmp_path / "model"
+    tokenizer = train_bpe_tokenizer(lines, vocab_size=300, out_dir=str(folder))
+    model = tiny_model(vocab_size=len(tokenizer))
+    type(model.config).register_for_auto_class()
+    type(model).register_for_auto_class("AutoModelForCausalLM")
+    model.save_pretrained(folder)
+    return text_file, folder, tokenizer, model
+
+
 def assert_png(path: Path, min_width: int):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(str(path))
@@ -150,17 +165,8 @@ def test_generated_exact_match_follows_real_greedy_decoding_across_runs():
 
 
 def test_text_evaluation_by_segments_and_index(tmp_path):
-    from training.data.tokenization import train_bpe_tokenizer
-
     lines = [f"line {i}: the quick brown fox {i % 7} jumps over {i % 5} lazy dogs" for i in range(400)]
-    text_file = tmp_path / "corpus.txt"
-    text_file.write_text("\n".join(lines))
-    folder = tmp_path / "model"
-    tokenizer = train_bpe_tokenizer(lines, vocab_size=300, out_dir=str(folder))
-    model = tiny_model(vocab_size=len(tokenizer))
-    type(model.config).register_for_auto_class()
-    type(model).register_for_auto_class("AutoModelForCausalLM")
-    model.save_pretrained(folder)
+    text_file, folder, tokenizer, model = text_model(tmp_path, lines)
 
     settings = evaluate.EvalSettings(model=folder, task="text", segments=[1, 3], data=str(text_file),
                                      text_batches=2, batch_size=2, out=tmp_path / "eval")
@@ -250,3 +256,54 @@ def test_bad_input_is_reported_before_loading(tmp_path_factory, args, message, c
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_shifted_windows_score_every_chunk_at_every_index(tmp_path):
+    """--shifted-windows: index i scores stream chunks i .. i + K*N - 1 (module doc of
+    training/eval_text.py). Independent: each chunk's memory-reset loss from the model's own
+    forward on that chunk alone, its last position scored against the next chunk's first token
+    (except at the last index, whose last target lies outside the window), summed by hand over
+    the chunks each index should hold."""
+    import yaml
+    from training.data import build_pipeline
+    lines = [f"entry {i}: {'abcdefg'[i % 7]} moves {i % 5} steps past {i % 3} gates" for i in range(300)]
+    text_file, folder, tokenizer, model = text_model(tmp_path, lines)
+    N, S, batches, B = 3, 8, 2, 2
+    K = batches * B  # windows per cut
+    settings = evaluate.EvalSettings(model=folder, task="text", segments=[N], data=str(text_file),
+                                     text_batches=batches, batch_size=B, out=tmp_path / "eval",
+                                     shifted_windows=True)
+    report, _, _ = evaluate.evaluate(settings)
+    assert report["shifted_windows"] is True
+    row = report["results"][0]
+
+    pipe = build_pipeline(evaluate.load_data_config(settings, evaluate.find_model(folder)), tokenizer,
+                          segment_size=S, micro_batch_size=B, seed=0, split="eval")
+    stream = torch.cat([pipe.next_batch(N)["input_ids"].reshape(-1) for _ in range(batches + 1)])
+    pipe.close()
+    chunks = K * N + N  # every chunk an index can reach, and one more for the last targets
+    with torch.no_grad():
+        logits = model(input_ids=stream[:chunks * S].view(chunks, S)).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:-1].flatten(0, 1), stream[1:(chunks - 1) * S + 1],
+                                            reduction="none").view(chunks - 1, S).double()
+    for i in range(N):
+        held = nll[i:i + K * N, :S if i < N - 1 else S - 1]
+        assert row["memory_reset"]["segment_losses"][i] == pytest.approx(held.mean().item(), abs=1e-5)
+    # The three cuts score N times the targets of one cut; rmt and no_memory use the same windows.
+    plain, _, _ = evaluate.evaluate(evaluate.EvalSettings(
+        model=folder, task="text", segments=[N], data=str(text_file), text_batches=batches,
+        batch_size=B, out=tmp_path / "plain"))
+    for condition in evaluate.CONDITIONS:
+        assert row[condition]["targets"] == N * plain["results"][0][condition]["targets"]
+
+    with pytest.raises(evaluate.EvalError, match="--shifted-windows: only --task text"):
+        evaluate.evaluate(evaluate.EvalSettings(model=folder, task="copy", segments=[2],
+                                                shifted_windows=True))
+    recipe = tmp_path / "document.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"source": "text", "packing": "document",
+                                               "tokenizer": str(folder),
+                                               "sources": [{"path_or_name": str(text_file)}]}}))
+    with pytest.raises(evaluate.EvalError, match="--shifted-windows: the held-out text is packed "
+                                                 "'document'"):
+        evaluate.evaluate(evaluate.EvalSettings(model=folder, task="text", segments=[N],
+                                                data=str(recipe), shifted_windows=True))

@@ -7,6 +7,15 @@ model.segment_size = segments x segment size and a 1-segment curriculum), so it 
 sample in one segment with full causal attention. Its losses are cut at the evaluated model's
 segment boundaries, so `full_attention` sits beside the RMT segment by segment: at segment k it
 has seen every earlier token, the upper bound that memory approximates.
+
+Shifted windows (`--shifted-windows`, concat-packed text only): the held-out stream is cut into
+N-segment windows N times, starting 0, S, ..., (N-1)*S tokens in, so chunk c of the stream (tokens
+c*S to (c+1)*S) is scored at segment index i in the cut that starts (c - i) mod N chunks in. Over
+the N cuts, index i scores chunks i to i + K*N - 1 (K windows per cut): the same text at every
+index but for i chunks at either end. The loss by index then differs by context alone (how much
+of the past the model holds), not by what the text at that position is; with one cut it can
+differ by content too, because the same windows put the same text at the same index in every
+model and seed.
 """
 
 from __future__ import annotations
@@ -70,8 +79,10 @@ def evaluate_text(model, tokenizer, settings, data_cfg, conditions: tuple,
             pipe.load_state_dict(start)  # every segment count reads the eval stream from its start
             sums = {c: torch.zeros(n_seg, dtype=torch.float64) for c in names}
             counts = {c: torch.zeros(n_seg, dtype=torch.long) for c in names}
-            for _ in range(settings.text_batches):
-                batch = pipe.next_batch(n_seg)
+            batches = (shifted_batches(pipe, n_seg, model.config.segment_size, settings.text_batches,
+                                       settings.batch_size) if settings.shifted_windows else
+                       (pipe.next_batch(n_seg) for _ in range(settings.text_batches)))
+            for batch in batches:
                 args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
                 for c in names:
                     s, n = (full_attention_losses(baseline, *args, model.config.segment_size)
@@ -82,7 +93,25 @@ def evaluate_text(model, tokenizer, settings, data_cfg, conditions: tuple,
             rows.append(text_row(n_seg, model.config.segment_size, sums, counts))
     finally:
         pipe.close()
-    return {"metric": "loss", "results": rows}
+    return {"metric": "loss", "shifted_windows": bool(settings.shifted_windows), "results": rows}
+
+
+def shifted_batches(pipe, n_seg: int, segment_size: int, batches: int, batch_size: int):
+    """The first `batches` batches of a concat-packed pipe (its rows are consecutive pieces of one
+    stream), then the same stream cut again starting 1, ..., n_seg - 1 segments in (module doc)."""
+    length, windows = n_seg * segment_size, batches * batch_size
+    # One more batch holds the tail the later cuts reach into ((n_seg - 1) segments).
+    read = [pipe.next_batch(n_seg) for _ in range(batches + (n_seg > 1))]
+    ids = torch.cat([b["input_ids"].reshape(-1) for b in read])
+    mask = torch.cat([b["attention_mask"].reshape(-1) for b in read])
+    for shift in range(n_seg):
+        lo = shift * segment_size
+        cut_ids = ids[lo:lo + windows * length].view(windows, length)
+        cut_mask = mask[lo:lo + windows * length].view(windows, length)
+        for first in range(0, windows, batch_size):
+            b_ids, b_mask = cut_ids[first:first + batch_size], cut_mask[first:first + batch_size]
+            yield {"input_ids": b_ids, "attention_mask": b_mask,
+                   "labels": torch.where(b_mask.bool(), b_ids, torch.full_like(b_ids, IGNORE_INDEX))}
 
 
 def text_row(n_seg: int, segment_size: int, sums: dict, counts: dict) -> dict:

@@ -4,6 +4,7 @@
                                 [--segments 1,2,4,8,16,32] [--data CONFIG_OR_TEXT] [--out DIR]
                                 [--device auto|cpu|cuda|cuda:N] [--dtype auto|fp32|bf16|fp16] [--step N|best]
                                 [--baseline DIR_OR_RUN]  (text: a full-attention model beside them)
+                                [--shifted-windows]      (text: every chunk at every segment index)
 
 Every number comes with its controls, computed on the same samples with the same weights:
   rmt           the model as trained: memory carried from segment to segment
@@ -56,6 +57,7 @@ class EvalSettings:
     generate_checks: int = 4  # memory tasks: samples re-checked with generate() per segment count
     step: checkpoint_select.Selector | None = None  # runs: which checkpoint (default: the newest)
     baseline: Path | None = None  # text: a full-attention model beside the conditions (eval_text.py)
+    shifted_windows: bool = False  # text: every chunk at every segment index (eval_text.py)
     seed: int = 0
     device: str = "auto"  # training/compute.py
     dtype: str = "auto"
@@ -74,6 +76,8 @@ class EvalSettings:
             raise EvalError(f"--model {self.model}: no such directory (an exported folder or runs/NAME)")
         if self.baseline is not None and self.task != "text":
             raise EvalError(f"--baseline {self.baseline}: only --task text compares with a full-attention model")
+        if self.shifted_windows and self.task != "text":
+            raise EvalError("--shifted-windows: only --task text reads windows of a text stream")
 
 
 # --------------------------------------------------------------------------- loading
@@ -291,6 +295,10 @@ def evaluate(settings: EvalSettings) -> tuple[dict, Path, Path]:
     source = find_model(settings.model, settings.step)
     data_cfg = load_data_config(settings, source)
     data_cfg = eval_babilong.babilong_data_config(settings.task, data_cfg)  # babilong-*: narrowed, checked
+    if settings.shifted_windows and data_cfg.packing != "concat":
+        raise EvalError(f"--shifted-windows: the held-out text is packed {data_cfg.packing!r}, so its "
+                        f"samples are not one stream; give --data a text file (read with concat "
+                        f"packing) or a config with data.packing concat")
     if settings.task != "text" and settings.task not in eval_babilong.BABILONG_TASKS:
         task_cfg = single_task_config(data_cfg, TASKS[settings.task], settings.segments, source.segment_size)
     baseline = find_baseline(settings, source)
@@ -363,6 +371,10 @@ def parse_args(argv=None) -> EvalSettings:
     parser.add_argument("--baseline", type=Path, default=None,
                         help="text: a model that reads the whole sample at once (an RMT run or export with "
                              "segment size >= the longest sample), reported as full_attention")
+    parser.add_argument("--shifted-windows", action="store_true",
+                        help="text: also cut the held-out stream 1..N-1 segments later, so every "
+                             "segment-sized chunk is scored once at every segment index and the "
+                             "losses by index differ by context only, not by content (concat packing)")
     add_compute_args(parser)
     args = parser.parse_args(argv)
     return EvalSettings(**vars(args))
