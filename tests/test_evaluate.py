@@ -281,6 +281,9 @@ def test_shifted_windows_score_every_chunk_at_every_index(tmp_path):
                           segment_size=S, micro_batch_size=B, seed=0, split="eval")
     stream = torch.cat([pipe.next_batch(N)["input_ids"].reshape(-1) for _ in range(batches + 1)])
     pipe.close()
+    # The rows of concat-packed batches are consecutive pieces of the file's own token stream.
+    direct = tokenizer(text_file.read_text(), add_special_tokens=False)["input_ids"]
+    assert stream.tolist() == direct[:len(stream)]
     chunks = K * N + N  # every chunk an index can reach, and one more for the last targets
     with torch.no_grad():
         logits = model(input_ids=stream[:chunks * S].view(chunks, S)).logits.float()
