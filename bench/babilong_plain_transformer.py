@@ -13,6 +13,11 @@ limited by the task and the budget, not by its memory.
     python bench/babilong_plain_transformer.py --config configs/babilong_qa1_cpu.yaml --steps 1500
     python bench/babilong_plain_transformer.py --config configs/babilong_qa1_cpu.yaml --tokens 20 \\
         data.babilong.people=2 data.babilong.facts=2
+    python bench/babilong_plain_transformer.py --config configs/babilong_qa1_cpu.yaml \\
+        --stages 0:2:2:20,2500:3:3:26,3500:4:4:32,4500:4:6:48
+
+`--stages` trains on smaller stories first (a story-size curriculum): from each STEP on, stories of
+PEOPLE people and FACTS facts in windows of TOKENS tokens; the held-out stories stay the recipe's.
 
 Trailing `key=value` arguments override the recipe as on the launcher's command line.
 """
@@ -89,6 +94,8 @@ def parse_args(argv):
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stages", help="STEP:PEOPLE:FACTS:TOKENS,...: from each step on, train on "
+                                    "stories of that size in windows of that length")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     return p.parse_args(argv)
 
@@ -103,7 +110,30 @@ def argument_problems(args) -> list[str]:
         problems.append(f"--width {args.width} must be a multiple of --heads {args.heads}")
     if args.tokens is not None and args.tokens < 2:
         problems.append(f"--tokens {args.tokens}: must be >= 2")
+    if args.stages is not None:
+        problems += stage_problems(args.stages)
     return problems
+
+
+def parse_stages(text: str) -> list[tuple[int, int, int, int]]:
+    return [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
+
+
+def stage_problems(text: str) -> list[str]:
+    try:
+        stages = parse_stages(text)
+    except ValueError:
+        stages = []
+    if not stages or any(len(s) != 4 for s in stages):
+        return [f"--stages {text!r}: give STEP:PEOPLE:FACTS:TOKENS entries separated by commas, "
+                f"e.g. 0:2:2:20,2000:4:6:48"]
+    steps = [s[0] for s in stages]
+    out = []
+    if steps[0] != 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        out.append(f"--stages {text!r}: steps {steps} must start at 0 and increase")
+    if any(s[3] < 2 for s in stages):
+        out.append(f"--stages {text!r}: every TOKENS must be >= 2")
+    return out
 
 
 def main(argv=None) -> int:
@@ -142,6 +172,29 @@ def main(argv=None) -> int:
     # Training stories are the recipe's (run.seed); held-out ones are the stories the trainer and
     # `training.evaluate --seed <run.seed>` score.
     train = BabilongSampler(cfg.data, tokenizer, cfg.run.seed, "train")
+    stages = [(0, train, tokens)]
+    if args.stages is not None:
+        stages, problems = [], []
+        for step, people, facts, window in parse_stages(args.stages):
+            where = f"--stages {step}:{people}:{facts}:{window}"
+            if people > cfg.data.babilong.people:
+                problems.append(f"{where}: at most the recipe's {cfg.data.babilong.people} people "
+                                f"(the filler pool drops their names only)")
+            try:
+                stage_cfg = load_config(args.config, args.overrides + [
+                    f"data.babilong.people={people}", f"data.babilong.facts={facts}"])
+            except ConfigError as e:
+                problems += [f"{where}: {p}" for p in e.problems]
+                continue
+            fit = layout_problems(stage_cfg.data, tokenizer, window, [1])
+            if fit:
+                problems.append(f"{where}: {fit[0].split(': ', 1)[1].split('; ')[0]}")
+            # The filler pool is the recipe's, read once.
+            stages.append((step, BabilongSampler(stage_cfg.data, tokenizer, cfg.run.seed, "train",
+                                                 pool=train.pool), window))
+        if problems:
+            print("error: " + "\n  ".join(problems), file=sys.stderr)
+            return 2
     held_out = BabilongSampler(cfg.data, tokenizer, cfg.run.seed, "eval")
     ev = held_out.generate(range(args.eval_samples), 1, tokens, task)
     ev_ids, ev_labels = torch.tensor(ev["input_ids"]), torch.tensor(ev["labels"])
@@ -152,14 +205,20 @@ def main(argv=None) -> int:
     if task == "qa1":
         blind = sum(s.facts[-1].rstrip(".").split()[-1] == s.answer for s in stories) / len(stories)
         reference += f", question-blind reader {blind:.3f}"
-    model = PlainGPT(len(tokenizer), tokens, args.width, args.layers, args.heads)
+    model = PlainGPT(len(tokenizer), max(tokens, *(w for _, _, w in stages)), args.width,
+                     args.layers, args.heads)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     print(f"{task}, {args.eval_samples} held-out stories in {tokens} tokens; {reference}; plain GPT "
           f"width {args.width}, {args.layers} layers, {args.heads} heads, batch {args.batch}, "
           f"lr {args.lr}", flush=True)
     start = time.time()
     for step in range(1, args.steps + 1):
-        batch = train.generate(range(step * args.batch, (step + 1) * args.batch), 1, tokens, task)
+        first, sampler, window = [s for s in stages if s[0] <= step][-1]
+        if args.stages is not None and step == max(first, 1):
+            c = sampler.cfg
+            print(f"step {step:>6}  training stories: {c.people} people, {c.facts} facts in "
+                  f"{window} tokens", flush=True)
+        batch = sampler.generate(range(step * args.batch, (step + 1) * args.batch), 1, window, task)
         ids, labels = torch.tensor(batch["input_ids"]), torch.tensor(batch["labels"])
         logits = model(ids[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),

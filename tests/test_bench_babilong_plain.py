@@ -43,6 +43,24 @@ def test_trains_and_reports_beside_the_reference_rates(repo_root, tmp_path):
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
 
 
+def test_stages_train_on_smaller_stories_first(repo_root, tmp_path):
+    recipe = shrunk_recipe(tmp_path, "babilong_qa1_cpu.yaml")
+    assert tokenizer_main(["--config", str(recipe), "--vocab-size", "400", "--out",
+                           str(tmp_path / "tok")]) == 0
+    proc = run_script(repo_root, "--config", recipe, "--steps", 4, "--eval-every", 4, "--batch", 4,
+                      "--eval-samples", 8, "--width", 32, "--heads", 2,
+                      "--stages", "0:2:2:20,3:4:4:48")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"step +(\d+) +training stories: (\d) people, (\d) facts in (\d+) tokens",
+                      proc.stdout) == [("1", "2", "2", "20"), ("3", "4", "4", "48")]
+    proc = run_script(repo_root, "--config", recipe, "--stages", "0:6:6:20,2:2:2:12")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--stages 0:6:6:20: at most the recipe's 4 people" in proc.stderr
+    assert "--stages 2:2:2:12: 12 x 1 segments cannot hold" in proc.stderr
+    proc = run_script(repo_root, "--config", recipe, "--stages", "5:2:2:20")
+    assert proc.returncode == 2 and "steps [5] must start at 0" in proc.stderr
+
+
 def test_bad_input_is_refused_by_name(repo_root, tmp_path):
     proc = run_script(repo_root, "--config", repo_root / "configs" / "tiny_cpu.yaml",
                       "--width", 65, "--steps", 0)
