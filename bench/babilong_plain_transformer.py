@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.config import ConfigError, load_config  # noqa: E402
-from training.data.babilong import QA_TASKS  # noqa: E402
+from training.data.babilong import QA_TASKS, last_fact_place  # noqa: E402
 from training.data.babilong_samples import BabilongSampler, layout_problems  # noqa: E402
 from training.data.errors import DataSourceError  # noqa: E402
 from training.data.tokenization import build_tokenizer  # noqa: E402
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     majority = max(answers.count(a) for a in set(answers)) / len(answers)
     reference = f"majority answer {majority:.3f}"
     if task == "qa1":
-        blind = sum(s.facts[-1].rstrip(".").split()[-1] == s.answer for s in stories) / len(stories)
+        blind = sum(last_fact_place(s) == s.answer for s in stories) / len(stories)
         reference += f", question-blind reader {blind:.3f}"
     model = PlainGPT(len(tokenizer), max(tokens, *(w for _, _, w in stages)), args.width,
                      args.layers, args.heads)

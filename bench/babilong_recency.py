@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training import checkpoint_select, eval_babilong  # noqa: E402
 from training import evaluate as ev  # noqa: E402
-from training.data.babilong import PEOPLE, PLACES  # noqa: E402
+from training.data.babilong import PEOPLE, PLACES, last_fact_place  # noqa: E402
 from training.data.babilong_samples import BabilongSampler  # noqa: E402
 from training.data.memory_tasks import to_batch  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> None:
     assert all(m and m[-1] == s.answer for m, s in zip(moves, stories)), "story parse disagrees with answers"
     any_move = sum(m.count(s.answer) / len(m) for m, s in zip(moves, stories)) / len(stories)
     print(f"{args.model} ({loaded.description.get('checkpoint', source.kind)}), {args.samples} held-out qa1 stories")
-    blind = sum(s.facts[-1].rstrip(".").split()[-1] == s.answer for s in stories) / len(stories)
+    blind = sum(last_fact_place(s) == s.answer for s in stories) / len(stories)
     print(f"any_move (a random one of the person's moves): {any_move:.3f}; question_blind (the last "
           f"fact's place): {blind:.3f}")
     for n_seg in args.segments:

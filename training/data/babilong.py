@@ -220,6 +220,12 @@ def _qa1_story(rng, subject: int, world: _World, facts: int, people: int, places
     return Story(text, QUESTIONS["qa1"].format(p=PEOPLE[subject]), PLACES[events[last][2]], (last,))
 
 
+def last_fact_place(story: Story) -> str:
+    """The place the last fact names (qa1: every fact is a move): what a reader that ignores the
+    question answers, the question-blind rate of docs/results.md section 5."""
+    return story.facts[-1].rstrip(".").split()[-1]
+
+
 def story_texts(task_list, count: int, seed: int, **sizes) -> list[str]:
     """`count` stories as plain text, for training a tokenizer that knows the templates' words."""
     return [generate_story(task_list[i % len(task_list)], i, seed, seed + 1, **sizes).text()
