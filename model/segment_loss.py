@@ -211,7 +211,7 @@ class _StackWithHeadGradient(torch.autograd.Function):
         common = grads[0]
         grad_weight = grad_weight * common if grad_weight is not None else None
         grad_bias = grad_bias * common if grad_bias is not None else None
-        if not torch.equal(grads, common.expand_as(grads)):  # one host sync per backward
+        if _may_differ(grad_stack, count) and not torch.equal(grads, common.expand_as(grads)):
             for i in (grads != common).nonzero().flatten().tolist():
                 part_weight = torch.zeros_like(grad_weight) if grad_weight is not None else None
                 part_bias = torch.zeros_like(grad_bias) if grad_bias is not None else None
@@ -228,6 +228,18 @@ class _StackWithHeadGradient(torch.autograd.Function):
             grad_bias.to(bias_dtype) if grad_bias is not None else None,
             *grad_stack.unbind(),
         )
+
+
+def _may_differ(grad_stack: torch.Tensor, fused: int) -> bool:
+    """Whether the fused segments' incoming gradients can differ, decided without reading them.
+
+    A loss that uses the segment sums only through their total (loss, loss_sum: the trainer's
+    case) hands back `sum`'s gradient, one value expanded over the stack (stride 0), so every entry
+    is the same by construction and no host read is needed: comparing them on the host would stall
+    the GPU once per backward. Any other gradient (a weighted sum of segment_losses, two consumers
+    accumulated) is compared on the host.
+    """
+    return fused > 1 and grad_stack.stride(0) != 0
 
 
 def _loss_and_grad_logits(logits: torch.Tensor, targets: torch.Tensor):

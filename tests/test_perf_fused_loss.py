@@ -224,3 +224,28 @@ def test_weighted_segment_losses_backprop_like_the_unfused_step(backbone):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[1].items():
         torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backbone", ["llama", "gpt2"])
+def test_a_loss_through_the_total_compares_no_gradients_on_the_host(backbone, monkeypatch):
+    """Issue 19: the trainer's loss reaches the segment sums only through their total, whose
+    gradient is one value expanded over the stack; the fused backward then makes no host
+    comparison (torch.equal would stall a GPU once per backward) and still equals the unfused
+    step. A weighted loss still gets compared (and corrected: the test above)."""
+    ids = random_tokens(2, 23, seed=7)  # 5 segments
+    calls = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: calls.append(1) or real_equal(a, b))
+    grads = []
+    for fuse in (True, False):
+        model = tiny_rmt(backbone, fused_segment_loss=fuse).train()
+        out = model(ids, labels=ids)
+        (out.loss_sum * 0.25).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert calls == []
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    model = tiny_rmt(backbone, fused_segment_loss=True).train()
+    out = model(ids, labels=ids)
+    (out.segment_losses * torch.tensor([0.1, 0.5, 1.0, 2.0, 0.7])).sum().backward()
+    assert calls == [1]
