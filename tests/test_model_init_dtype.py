@@ -28,3 +28,36 @@ def test_bf16_backbone_is_loaded_as_fp32_with_its_weights(tmp_path):
         if name in params:  # tied weights are saved once
             assert torch.equal(params[name].detach(), tensor.to(torch.float32)), name
     assert sum(name in params for name in saved) == len(saved)
+
+
+def test_an_rmt_folder_gives_its_backbone_and_a_fresh_memory(tmp_path):
+    """model.init_from may name an RMT model folder (this project's export of a language-model
+    run): the new run takes its backbone's weights, in fp32, and starts its own memory; the
+    config gate compares the recipe's backbone keys with the RMT's backbone config."""
+    from training.config import ConfigError, load_config
+    from training.model_init import build_model
+
+    backbone = load_config(None, world_size=1).model.backbone
+    source = RMTForCausalLM(RMTConfig(backbone=backbone, segment_size=16, num_mem_tokens=8))
+    with torch.no_grad():
+        source.memory.fill_(0.5)
+        for p in source.backbone.parameters():
+            p.add_(0.01)  # not what any fresh initialisation gives
+    source.save_pretrained(tmp_path / "rmt")
+    cfg = load_config(None, [f"model.init_from={tmp_path / 'rmt'}", "deepspeed.zero_stage=0",
+                             "model.num_mem_tokens=4"], world_size=1)
+    model = build_model(cfg, rank=0, ds_config={})
+    want = dict(source.backbone.named_parameters())
+    got = dict(model.backbone.named_parameters())
+    assert set(got) == set(want)
+    for name, p in got.items():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), want[name].detach()), name
+    assert model.memory.shape[0] == 4 and not torch.any(model.memory == 0.5)
+
+    try:
+        load_config(None, [f"model.init_from={tmp_path / 'rmt'}", "model.backbone.hidden_size=24"],
+                    world_size=1)
+    except ConfigError as e:
+        assert any(p.startswith("model.backbone.hidden_size: 24 disagrees with") for p in e.problems), e.problems
+    else:
+        raise AssertionError("a backbone key that disagrees with the RMT folder's backbone passed")

@@ -4,7 +4,9 @@ checkpoint's dtype, so every parameter, memory included, has one dtype), ZeRO-3 
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -31,7 +33,7 @@ def build_model(cfg: TrainConfig, rank: int, ds_config: dict) -> torch.nn.Module
         # DeepSpeed takes fp32 parameters and keeps the master weights in fp32 whatever the
         # precision; for bf16/fp16 it casts every parameter itself at initialize() (ZeRO-3:
         # zero.Init holds them in that dtype and the copy below casts).
-        return RMTForCausalLM.from_backbone(cfg.model.init_from, dtype=torch.float32, **kwargs)
+        return RMTForCausalLM.from_backbone(pretrained_backbone(cfg.model.init_from), **kwargs)
 
     if cfg.deepspeed.zero_stage != 3:
         return compiled(plain(), cfg)
@@ -45,6 +47,21 @@ def build_model(cfg: TrainConfig, rank: int, ds_config: dict) -> torch.nn.Module
             if rank == 0:
                 param.data.copy_(source[name].data)
     return compiled(model, cfg)
+
+
+def pretrained_backbone(folder: str) -> torch.nn.Module:
+    """model.init_from's backbone in fp32: a Hugging Face causal LM folder, or the backbone of an
+    RMT model folder (this project's export of, say, a language-model run: the paper's route of a
+    task run from a backbone that already reads; the new run's memory starts fresh)."""
+    from transformers import AutoModelForCausalLM
+
+    from model import RMTForCausalLM
+    from training.config.sections import backbone_of
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if backbone_of(config) is not config:
+        return RMTForCausalLM.from_pretrained(folder, dtype=torch.float32).backbone
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
 def compiled(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:

@@ -87,7 +87,7 @@ class ModelConfig:
     memory_noise_prob: float = doc(1.0, "chance that a sample's hand-over gets memory_noise (drawn "
                                    "per sample and hand-over; the rest pass clean, as in "
                                    "evaluation); 1 = every one")
-    init_from: Optional[str] = doc(None, "pretrained backbone folder (HF format) or null")
+    init_from: Optional[str] = doc(None, "pretrained backbone folder (HF format), or an RMT export/save_pretrained folder (its backbone is taken, the memory starts fresh), or null")
     max_sequence_length: Optional[int] = doc(None, "longest training sample in tokens; if set, "
                                              "must equal segment_size x the curriculum's largest "
                                              "num_segments")
@@ -128,6 +128,10 @@ class ModelConfig:
                     return out + [f"model.init_from: cannot read {cfg_file} as JSON ({e})"]
                 if not isinstance(pretrained, dict):
                     return out + [f"model.init_from: {cfg_file} must hold a JSON object"]
+                pretrained = backbone_of(pretrained)
+                if not isinstance(pretrained, dict):
+                    return out + [f"model.init_from: {cfg_file} is an RMT model's config without "
+                                  f"a backbone object; give an RMT export or a backbone folder"]
                 clashes = sorted(k for k, v in self.backbone.items()
                                  if k in pretrained and pretrained[k] != v)
                 for k in clashes:
@@ -139,8 +143,20 @@ class ModelConfig:
         """The backbone config dict: the pretrained folder's, overlaid by the recipe's keys."""
         if self.init_from is None:
             return copy.deepcopy(self.backbone)
-        pretrained = json.loads((Path(self.init_from) / "config.json").read_text())
+        pretrained = backbone_of(json.loads((Path(self.init_from) / "config.json").read_text()))
+        if not isinstance(pretrained, dict):
+            raise ValueError(f"model.init_from: {self.init_from!r} has no backbone config")
         return {**pretrained, **self.backbone}
+
+
+def backbone_of(pretrained: dict):
+    """The backbone config in a model folder's config.json: the file itself, or for an RMT
+    model (e.g. this project's export of a text run) its `backbone` entry."""
+    from model.configuration_rmt import RMTConfig  # transformers: imported when needed
+
+    if pretrained.get("model_type") == RMTConfig.model_type:
+        return pretrained.get("backbone")
+    return pretrained
 
 
 @dataclass
