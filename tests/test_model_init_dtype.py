@@ -53,6 +53,9 @@ def test_an_rmt_folder_gives_its_backbone_and_a_fresh_memory(tmp_path):
     for name, p in got.items():
         assert p.dtype == torch.float32 and torch.equal(p.detach(), want[name].detach()), name
     assert model.memory.shape[0] == 4 and not torch.any(model.memory == 0.5)
+    # ZeRO-3 builds the model from the config first (zero.Init), then copies the weights in.
+    shell = RMTForCausalLM(RMTConfig(**{**cfg.model.rmt_kwargs(), "backbone": cfg.model.resolved_backbone()}))
+    assert {n: p.shape for n, p in shell.backbone.named_parameters()} == {n: p.shape for n, p in want.items()}
 
     try:
         load_config(None, [f"model.init_from={tmp_path / 'rmt'}", "model.backbone.hidden_size=24"],
