@@ -56,10 +56,9 @@ def pretrained_backbone(folder: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from model import RMTForCausalLM
-    from training.config.sections import backbone_of
+    from training.config.sections import is_rmt_model
 
-    config = json.loads((Path(folder) / "config.json").read_text())
-    if backbone_of(config) is not config:
+    if is_rmt_model(json.loads((Path(folder) / "config.json").read_text())):
         return RMTForCausalLM.from_pretrained(folder, dtype=torch.float32).backbone
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 

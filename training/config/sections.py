@@ -87,7 +87,9 @@ class ModelConfig:
     memory_noise_prob: float = doc(1.0, "chance that a sample's hand-over gets memory_noise (drawn "
                                    "per sample and hand-over; the rest pass clean, as in "
                                    "evaluation); 1 = every one")
-    init_from: Optional[str] = doc(None, "pretrained backbone folder (HF format), or an RMT export/save_pretrained folder (its backbone is taken, the memory starts fresh), or null")
+    init_from: Optional[str] = doc(None, "pretrained backbone folder (HF format), or an RMT "
+                                   "export/save_pretrained folder (its backbone is taken, the "
+                                   "memory starts fresh), or null")
     max_sequence_length: Optional[int] = doc(None, "longest training sample in tokens; if set, "
                                              "must equal segment_size x the curriculum's largest "
                                              "num_segments")
@@ -149,14 +151,17 @@ class ModelConfig:
         return {**pretrained, **self.backbone}
 
 
-def backbone_of(pretrained: dict):
-    """The backbone config in a model folder's config.json: the file itself, or for an RMT
-    model (e.g. this project's export of a text run) its `backbone` entry."""
+def is_rmt_model(pretrained: dict) -> bool:
+    """Whether a model folder's config.json is an RMT model's (e.g. this project's export)."""
     from model.configuration_rmt import RMTConfig  # transformers: imported when needed
 
-    if pretrained.get("model_type") == RMTConfig.model_type:
-        return pretrained.get("backbone")
-    return pretrained
+    return pretrained.get("model_type") == RMTConfig.model_type
+
+
+def backbone_of(pretrained: dict):
+    """The backbone config in a model folder's config.json: the file itself, or for an RMT
+    model its `backbone` entry."""
+    return pretrained.get("backbone") if is_rmt_model(pretrained) else pretrained
 
 
 @dataclass
