@@ -64,3 +64,19 @@ def test_an_rmt_folder_gives_its_backbone_and_a_fresh_memory(tmp_path):
         assert any(p.startswith("model.backbone.hidden_size: 24 disagrees with") for p in e.problems), e.problems
     else:
         raise AssertionError("a backbone key that disagrees with the RMT folder's backbone passed")
+
+
+def test_an_rmt_folder_without_a_backbone_config_is_refused(tmp_path):
+    """An RMT config.json must carry its backbone config; without one the gate names the file."""
+    from training.config import ConfigError, load_config
+
+    folder = tmp_path / "rmt"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "rmt"}')
+    (folder / "model.safetensors").write_bytes(b"")
+    try:
+        load_config(None, [f"model.init_from={folder}"], world_size=1)
+    except ConfigError as e:
+        assert any("RMT model's config without a backbone object" in p for p in e.problems), e.problems
+    else:
+        raise AssertionError("an RMT folder without a backbone config passed the gate")
