@@ -41,7 +41,8 @@ from .generation_rmt import RMTDecodingState, decode_tokens
 from .memory_noise import perturbed
 from .segment_loss import HeadGradient, lm_loss_sum
 from .segment_recompute import RecomputedSegment, recompute_rng_setting
-from .segments import loss_targets, segment_layout
+from .segment_attention import is_active, segment_step_attention
+from .segments import loss_targets, segment_attention_mask, segment_layout
 from .zero_params import PartitionedParameters
 
 
@@ -153,6 +154,8 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         length = seg_embeds.shape[1]
         m = self.config.num_mem_tokens
         positions, attention_mask, real_tokens = segment_layout(m, seg_mask, length, seg_embeds.device)
+        if attention_mask is not None and is_active(self.decoder.config):
+            attention_mask = segment_attention_mask(attention_mask)  # the step brings its own mask
         memory = memory.to(seg_embeds.dtype)
         hidden = self.decoder(
             inputs_embeds=torch.cat([memory, seg_embeds, memory], dim=1),
@@ -178,7 +181,9 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         when config.fused_segment_loss allows it. Not in the forward of a checkpointed segment:
         its backward recomputes it (where the fused loss does run), so those products would be
         paid twice. head_grad, position: the step's HeadGradient and this segment's index in it."""
-        token_hidden, new_memory = self.segment_hidden(memory, seg_ids, seg_embeds, seg_mask)
+        # transformers' mask builder skipped where the mask is known (segment_attention.py)
+        with segment_step_attention(self.decoder.config):
+            token_hidden, new_memory = self.segment_hidden(memory, seg_ids, seg_embeds, seg_mask)
         lm_head = self.get_output_embeddings()
         if seg_targets is None:
             loss_sum = token_hidden.new_zeros((), dtype=torch.float32)

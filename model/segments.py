@@ -57,6 +57,15 @@ def segment_layout(num_mem_tokens: int, token_mask, length: int, device):
     return positions, torch.cat([ones, token_mask, ones], dim=1), real
 
 
+def segment_attention_mask(visible: torch.Tensor) -> torch.Tensor:
+    """[B, 1, n, n] boolean mask of a segment step (True: may attend): causal, and only to the keys
+    that segment_layout's 2D mask `visible` [B, n] shows; what transformers' SDPA mask builder makes
+    of that 2D mask when a row is padded (segment_attention.py says when the model builds it)."""
+    n = visible.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=visible.device).tril()
+    return causal[None, None] & visible.bool()[:, None, None, :]
+
+
 def shifted_targets(labels: torch.Tensor, attention_mask) -> torch.Tensor:
     """Targets over the whole sequence: position i predicts labels[i + 1].
 

@@ -86,6 +86,14 @@ class HostReads:
             self._wrap(torch, name)
         return self
 
+    def uninstall(self) -> None:
+        for owner, name, original, had_own in reversed(self._saved):
+            if had_own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+        self._saved.clear()
+
 
 def build_trainer(runs: Path, name: str, overrides: list[str]):
     from training.config import load_config
