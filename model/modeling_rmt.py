@@ -41,8 +41,8 @@ from .generation_rmt import RMTDecodingState, decode_tokens
 from .memory_noise import perturbed
 from .segment_loss import HeadGradient, lm_loss_sum
 from .segment_recompute import RecomputedSegment, recompute_rng_setting
-from .segment_attention import is_active, segment_step_attention
-from .segments import loss_targets, segment_attention_mask, segment_layout
+from .segment_attention import backbone_mask, segment_step_attention
+from .segments import loss_targets, segment_layout
 from .zero_params import PartitionedParameters
 
 
@@ -154,13 +154,11 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         length = seg_embeds.shape[1]
         m = self.config.num_mem_tokens
         positions, attention_mask, real_tokens = segment_layout(m, seg_mask, length, seg_embeds.device)
-        if attention_mask is not None and is_active(self.decoder.config):
-            attention_mask = segment_attention_mask(attention_mask)  # the step brings its own mask
         memory = memory.to(seg_embeds.dtype)
         hidden = self.decoder(
             inputs_embeds=torch.cat([memory, seg_embeds, memory], dim=1),
             position_ids=positions,
-            attention_mask=attention_mask,
+            attention_mask=backbone_mask(self.decoder.config, attention_mask),
             use_cache=False,
         ).last_hidden_state  # [B, M + T + M, D]
         token_hidden = hidden[:, m : m + length]
@@ -181,8 +179,7 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         when config.fused_segment_loss allows it. Not in the forward of a checkpointed segment:
         its backward recomputes it (where the fused loss does run), so those products would be
         paid twice. head_grad, position: the step's HeadGradient and this segment's index in it."""
-        # transformers' mask builder skipped where the mask is known (segment_attention.py)
-        with segment_step_attention(self.decoder.config):
+        with segment_step_attention(self.decoder.config):  # transformers' mask builder skipped
             token_hidden, new_memory = self.segment_hidden(memory, seg_ids, seg_embeds, seg_mask)
         lm_head = self.get_output_embeddings()
         if seg_targets is None:
@@ -229,10 +226,8 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (B, L) = {(batch, length)}")
         if memory is not None and tuple(memory.shape) != (batch, self.config.num_mem_tokens, self.config.hidden_size):
-            raise ValueError(
-                f"memory has shape {tuple(memory.shape)}; expected (B, num_mem_tokens, hidden_size) = "
-                f"{(batch, self.config.num_mem_tokens, self.config.hidden_size)}"
-            )
+            raise ValueError(f"memory has shape {tuple(memory.shape)}; expected (B, num_mem_tokens, hidden_size) = "
+                             f"{(batch, self.config.num_mem_tokens, self.config.hidden_size)}")
 
         if use_cache or cache is not None:
             if labels is not None or input_ids is None:
@@ -352,9 +347,8 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
             if seg_logits is not None:
                 logits.append(seg_logits)
 
-        self.last_checkpointed_segments = budget.checkpointed_segments if budget is not None else (
-            num_segments if checkpointed else 0
-        )
+        self.last_checkpointed_segments = (budget.checkpointed_segments if budget is not None
+                                           else num_segments if checkpointed else 0)
         segment_loss_sums = head_grad.stack(loss_sums) if head_grad is not None else torch.stack(loss_sums)
         segment_token_counts = torch.stack(token_counts)
         loss_sum = segment_loss_sums.sum()

@@ -24,6 +24,8 @@ from contextlib import contextmanager, nullcontext
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .segments import segment_attention_mask
+
 PLAIN_CAUSAL_SDPA = "rmt_plain_causal_sdpa"
 # Families whose decoders build masks with create_causal_mask and reach attention through
 # ALL_ATTENTION_FUNCTIONS only: the ones compared with transformers' path in the tests.
@@ -52,9 +54,12 @@ def plain_causal(config) -> bool:
     )
 
 
-def is_active(config) -> bool:
-    """Inside segment_step_attention: the segment step brings its own masks."""
-    return config._attn_implementation == PLAIN_CAUSAL_SDPA
+def backbone_mask(config, visible):
+    """What the backbone is handed for segment_layout's 2D mask `visible` [B, n] (or None): inside
+    segment_step_attention the step's own 4D mask, else `visible`, for transformers' builder."""
+    if visible is None or config._attn_implementation != PLAIN_CAUSAL_SDPA:
+        return visible
+    return segment_attention_mask(visible)
 
 
 @contextmanager

@@ -6,11 +6,10 @@ step's one all-reduce (training/micro_steps.py, training/step_stats.StepSums).
 
 On CPU the "device" is the host, so the test pins the structure: every host read made inside
 Trainer._micro_steps of a real one-rank DeepSpeed step (ZeRO-3 and ZeRO-2) is recorded with its
-code line, and none may come from the trainer, the model or transformers (whose mask builder read
-once per segment forward until the segment step brought its own masks: model/segment_attention.py).
-The others are pinned so that a new one shows:
-  - ZeRO-2 only: DeepSpeed's gradient reduction hooks;
-  - DeepSpeed ZeRO-3's check of its prefetch trace, on the first step only.
+code line. Once warm there is none at all, from the trainer, the model, transformers (whose mask
+builder read once per segment forward until the segment step brought its own masks:
+model/segment_attention.py) or DeepSpeed; on the first step, only DeepSpeed ZeRO-3's check of its
+prefetch trace.
 Where a GPU is present, the same runs under torch.cuda.set_sync_debug_mode.
 """
 
@@ -31,9 +30,6 @@ WORKER = REPO / "tests" / "trainer_step_worker.py"
 TRAINER = ("training/", "tests/")
 OURS = (*TRAINER, "model/", "transformers/")  # the trainer, the model, the backbone's code
 ZERO3_TRACE_CHECK = "deepspeed/runtime/zero/utils.py"
-# Host reads by DeepSpeed inside the micro-steps, once warm: ZeRO-1/2's gradient reduction hooks
-# read flags on the host.
-LIBRARY_READS = {3: (), 2: ("deepspeed/runtime/zero/stage_1_and_2.py",)}
 
 
 def run_worker(mode: str, tmp_path: Path, *overrides: str) -> dict:
@@ -66,19 +62,17 @@ def test_a_micro_step_reads_nothing_back_from_the_device(stage, host_reads):
     # its incoming gradients on the host once per backward (model/segment_loss.py _may_differ).
     ours = [site for step in steps for site in step if _file(site).startswith(OURS)]
     assert ours == [], ours
-    libraries = LIBRARY_READS[stage]
-    for step in steps[1:]:  # steady state: under ZeRO-3 nothing at all
-        assert [s for s in step if not _file(s).startswith(libraries)] == [], step
+    assert steps[1] == steps[2] == [], steps[1:]  # steady state: nothing at all
     # The first step: ZeRO-3 also checks its prefetch trace.
-    assert [s for s in steps[0] if not _file(s).startswith(
-        (ZERO3_TRACE_CHECK, *libraries))] == [], sorted(set(steps[0]))
+    assert [s for s in steps[0] if not _file(s).startswith(ZERO3_TRACE_CHECK)] == [], sorted(set(steps[0]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_micro_step_does_not_synchronise_the_gpu(tmp_path):
     """One rank on the GPU, ZeRO-0 and ZeRO-3, bf16: the micro-steps of steps 2-3 under
-    torch.cuda.set_sync_debug_mode, and the host reads as above; none may come from the trainer.
-    The others are printed (see the module docstring)."""
+    torch.cuda.set_sync_debug_mode, and the host reads as above; none may come from the trainer,
+    the model or transformers. DeepSpeed's, which its CUDA code paths may make where the CPU ones
+    do not, are printed."""
     for stage in (0, 3):
         result = run_worker("cuda_sync", tmp_path / f"z{stage}", f"deepspeed.zero_stage={stage}",
                             "deepspeed.precision=bf16")
