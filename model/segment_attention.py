@@ -48,7 +48,7 @@ def plain_causal(config) -> bool:
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     return (
         config.model_type in PLAIN_CAUSAL_FAMILIES
-        and config._attn_implementation in ("sdpa", PLAIN_CAUSAL_SDPA)
+        and config._attn_implementation == "sdpa"
         and not getattr(config, "sliding_window", None)
         and layer_types == {"full_attention"}
     )
@@ -74,7 +74,7 @@ def _named(config, implementation: str):
 
 def segment_step_attention(config):
     """Context for one segment step of a backbone with this config: PLAIN_CAUSAL_SDPA where
-    plain_causal holds, transformers' path otherwise."""
-    if config._attn_implementation == "sdpa" and plain_causal(config):
+    plain_causal holds, transformers' path otherwise (and inside one already)."""
+    if plain_causal(config):
         return _named(config, PLAIN_CAUSAL_SDPA)
     return nullcontext()

@@ -27,8 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "trainer_step_worker.py"
-TRAINER = ("training/", "tests/")
-OURS = (*TRAINER, "model/", "transformers/")  # the trainer, the model, the backbone's code
+OURS = ("training/", "tests/", "model/", "transformers/")  # the trainer, the model, the backbone's code
 ZERO3_TRACE_CHECK = "deepspeed/runtime/zero/utils.py"
 
 
