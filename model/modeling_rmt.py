@@ -42,7 +42,7 @@ from .memory_noise import perturbed
 from .segment_loss import HeadGradient, lm_loss_sum
 from .segment_recompute import RecomputedSegment, recompute_rng_setting
 from .segment_attention import backbone_mask, segment_step_attention
-from .segments import loss_targets, segment_layout
+from .segments import loss_targets, mask_in_use, segment_layout
 from .zero_params import PartitionedParameters
 
 
@@ -206,12 +206,14 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        attention_mask_padded: bool | None = None,
     ) -> RMTOutput:
         """Process a sequence segment by segment (see module docstring and docs/architecture.md).
 
         inputs_embeds [B, L, D] may replace input_ids. use_cache/cache run incremental decoding
         (what generate() uses): input_ids are then only the tokens not yet fed to `cache`.
-        logits_to_keep=n > 0 returns logits of the last n positions only.
+        logits_to_keep=n > 0 returns logits of the last n positions only. attention_mask_padded:
+        whether attention_mask hides any position, if the caller knows (segments.mask_in_use).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("forward: pass exactly one of input_ids [B, L] or inputs_embeds [B, L, D]")
@@ -244,8 +246,8 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         if return_logits is None:
             return_logits = labels is None
         return self._forward_segments(
-            input_ids, inputs_embeds, attention_mask, labels, self._initial_memory(batch, memory),
-            return_memory, return_logits, logits_to_keep,
+            input_ids, inputs_embeds, mask_in_use(attention_mask, attention_mask_padded), labels,
+            self._initial_memory(batch, memory), return_memory, return_logits, logits_to_keep,
         )
 
     def _checkpointed_step(self):
@@ -298,8 +300,6 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         length = tokens.shape[1]
         seg_size = self.config.segment_size
         num_segments = math.ceil(length / seg_size)
-        if attention_mask is not None and bool(attention_mask.bool().all()):
-            attention_mask = None  # all real: the backbone's plain causal path is faster and identical
         loss_from = self.config.loss_from_segment  # earlier segments have no targets: their loss is skipped
         targets = loss_targets(labels, attention_mask, seg_size, loss_from) if labels is not None else None
         first_kept = length - logits_to_keep if logits_to_keep else 0

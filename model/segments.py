@@ -57,6 +57,18 @@ def segment_layout(num_mem_tokens: int, token_mask, length: int, device):
     return positions, torch.cat([ones, token_mask, ones], dim=1), real
 
 
+def mask_in_use(attention_mask, padded):
+    """The 2D mask the segment loop runs with: None when every position is real (the backbone's
+    plain causal path: faster, and the same result). `padded` says whether attention_mask hides
+    any position where the caller already knows (the trainer reads its host batch): None makes
+    this check the mask itself, which for a mask on a GPU is a host read, a wait for the device."""
+    if attention_mask is None:
+        return None
+    if padded is None:
+        padded = not bool(attention_mask.bool().all())
+    return attention_mask if padded else None
+
+
 def segment_attention_mask(visible: torch.Tensor) -> torch.Tensor:
     """[B, 1, n, n] boolean mask of a segment step (True: may attend): causal, and only to the keys
     that segment_layout's 2D mask `visible` [B, n] shows; what transformers' SDPA mask builder makes

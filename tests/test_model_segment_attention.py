@@ -48,10 +48,11 @@ def padded_batch():
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def step(model, ids, mask):
+def step(model, ids, mask, **hint):
     """Forward and backward of a training step: (outputs, gradients by parameter name)."""
     model.zero_grad(set_to_none=True)
-    out = model(ids, attention_mask=mask, labels=ids.masked_fill(ids == 0, -100), return_memory=True)
+    out = model(ids, attention_mask=mask, labels=ids.masked_fill(ids == 0, -100), return_memory=True,
+                **hint)
     out.loss.backward()
     return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -106,8 +107,9 @@ def test_the_step_computes_what_transformers_masks_compute(family, padded, monke
 def test_a_training_step_reads_nothing_back_from_the_device(family, monkeypatch):
     """On CPU the structure is what is pinned: no host read of a tensor in a forward and backward
     (3 segment steps) from transformers or the model without padding; with padding, the model's
-    one check of the whole mask (an all-real mask takes the faster unmasked path), and nothing
-    per segment. Through transformers' masks: one read per segment forward or more."""
+    one check of the whole mask (an all-real mask takes the faster unmasked path), nothing per
+    segment, and nothing at all when the caller says the mask is padded (as the trainer does,
+    from its host batch). Through transformers' masks: one read per segment forward or more."""
     model = rmt(family).train()
     ids = random_tokens(2, 13)
     with recorded_host_reads() as sites:
@@ -117,11 +119,51 @@ def test_a_training_step_reads_nothing_back_from_the_device(family, monkeypatch)
     with recorded_host_reads() as sites:
         step(model, ids, mask)
     assert _from(sites, "transformers/") == [], sites
-    assert [s.split(":")[0] for s in _from(sites, "model/")] == ["__bool__ at model/modeling_rmt.py"], sites
+    assert [s.split(":")[0] for s in _from(sites, "model/")] == ["__bool__ at model/segments.py"], sites
+    with recorded_host_reads() as sites:
+        step(model, ids, mask, attention_mask_padded=True)
+    assert _from(sites, ("transformers/", "model/")) == [], sites
 
     with transformers_masks(monkeypatch), recorded_host_reads() as sites:
         step(model, random_tokens(2, 13), None)
     assert len(_from(sites, MASKING)) == 3, sites  # the packed-sequence check, per segment forward
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_caller_who_knows_the_mask_gets_what_the_check_gives(padded):
+    """attention_mask_padded, the caller's word for what the model would read from the mask,
+    takes the path the check takes: loss, memory and gradients bitwise equal to the unhinted
+    step. Given for an all-real mask, False drops it (the unmasked path, as with no mask)."""
+    model = rmt("llama").train()
+    ids, mask = padded_batch() if padded else (random_tokens(3, 13), torch.ones(3, 13, dtype=torch.long))
+    out, grads = step(model, ids, mask, attention_mask_padded=padded)
+    for reference in (step(model, ids, mask), *([] if padded else [step(model, ids, None)])):
+        ref, ref_grads = reference
+        for name in ("loss", "loss_sum", "memory"):
+            torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=0, atol=0)
+        assert grads.keys() == ref_grads.keys()
+        assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    # ...and the hint is what decides the path: the SDPA calls get a mask exactly when it says so.
+    for hint in (False, True):
+        with sdpa_masks_seen() as masked:
+            step(model, ids, mask, attention_mask_padded=hint)
+        assert masked and set(masked) == {hint}, masked
+
+
+@contextmanager
+def sdpa_masks_seen():
+    """Whether each eager scaled_dot_product_attention call got an attn_mask."""
+    seen = []
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                seen.append((kwargs.get("attn_mask", args[3] if len(args) > 3 else None)) is not None)
+            return func(*args, **kwargs)
+
+    with Mode():
+        yield seen
 
 
 def sdpa_calls_compiled(model, ids, mask=None) -> list[dict]:

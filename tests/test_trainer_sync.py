@@ -24,11 +24,59 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_step_worker import HostReads
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "trainer_step_worker.py"
 OURS = ("training/", "tests/", "model/", "transformers/")  # the trainer, the model, the backbone's code
 ZERO3_TRACE_CHECK = "deepspeed/runtime/zero/utils.py"
+
+
+def tiny_rmt():
+    from model import RMTConfig, RMTForCausalLM
+    from test_model_common import BACKBONES
+
+    torch.manual_seed(0)
+    return RMTForCausalLM(RMTConfig(backbone=BACKBONES["llama"], num_mem_tokens=3, segment_size=5,
+                                    loss_from_segment=1)).train()
+
+
+def host_batch(mask_rows: list[list[int]]) -> dict:
+    """A batch as the pipeline hands it over (host tensors, labels -100 where padded)."""
+    from test_model_common import random_tokens
+
+    mask = torch.tensor(mask_rows)
+    ids = random_tokens(*mask.shape).masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("rows", [
+    [[1] * 13, [1] * 13],                          # all real: the unmasked path
+    [[1] * 13, [1] * 9 + [0] * 4],                 # right padding, as document packing pads
+    [[1] * 13, [0] * 6 + [1] * 7],                 # left padding: a pad (in segment 1) predicting a real token
+], ids=["all_real", "right_padded", "left_padded"])
+def test_prepare_reads_the_host_batch_so_the_model_reads_nothing(rows):
+    """The trainer's micro-batch arguments (training/micro_steps.prepare): what the model would
+    read back from the device, whether the mask hides anything and the target count, is read from
+    the host batch. With them, a forward and backward makes no host read in the model or
+    transformers, and the model counts the targets the trainer counted (the trainer's check of
+    that sits on the device until the step's all-reduce, so a miscount here would stop the run)."""
+    from training.micro_steps import prepare
+
+    batch = host_batch(rows)
+    args, count = prepare(batch, torch.device("cpu"), segment_size=5, loss_from_segment=1)
+    assert args["attention_mask_padded"] == (min(map(min, rows)) == 0)
+    model = tiny_rmt()
+    reads = HostReads().install()
+    reads.active = True
+    try:
+        out = model(**args)
+        out.loss.backward()
+    finally:
+        reads.active = False
+        reads.uninstall()
+    assert [site for site in reads.sites if _file(site).startswith(("model/", "transformers/"))] == [], reads.sites
+    assert int(out.num_tokens) == count
 
 
 def run_worker(mode: str, tmp_path: Path, *overrides: str) -> dict:

@@ -18,14 +18,15 @@ from training.step_stats import StepSums
 def prepare(batch: dict, device: torch.device, segment_size: int,
             loss_from_segment: int) -> tuple[dict, int]:
     """The engine's arguments for a micro-batch, copied towards `device` without waiting, and its
-    valid targets as the model counts them (num_tokens), read from the host labels. An all-real
-    attention mask is dropped here, on the host: the model would otherwise test it on the device
-    (a host read) to take the same, faster, unmasked path."""
-    count = int(count_targets(batch["labels"], segment_size, loss_from_segment))
+    valid targets as the model counts them (num_tokens). Both facts the model would otherwise
+    read back from the device are read here from the host batch: the target count, and whether
+    the attention mask hides anything (attention_mask_padded: an all-real mask takes the
+    unmasked path, a padded one the masked path, without the model checking it)."""
     mask = batch["attention_mask"]
-    args = {key: batch[key].to(device, non_blocking=True) for key in ("input_ids", "labels")}
-    args["attention_mask"] = (None if bool(mask.bool().all())
-                              else mask.to(device, non_blocking=True))
+    count = int(count_targets(batch["labels"], segment_size, loss_from_segment, attention_mask=mask))
+    args = {key: batch[key].to(device, non_blocking=True)
+            for key in ("input_ids", "labels", "attention_mask")}
+    args["attention_mask_padded"] = not bool(mask.bool().all())
     return args, count
 
 
