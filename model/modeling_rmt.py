@@ -213,7 +213,8 @@ class RMTForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds [B, L, D] may replace input_ids. use_cache/cache run incremental decoding
         (what generate() uses): input_ids are then only the tokens not yet fed to `cache`.
         logits_to_keep=n > 0 returns logits of the last n positions only. attention_mask_padded:
-        whether attention_mask hides any position, if the caller knows (segments.mask_in_use).
+        whether attention_mask hides any position, if known (segments.mask_in_use; decoding,
+        which never drops the mask, has nothing to decide with it).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("forward: pass exactly one of input_ids [B, L] or inputs_embeds [B, L, D]")

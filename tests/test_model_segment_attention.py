@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from model import RMTConfig, RMTForCausalLM
 from model import segment_attention
 from test_model_common import BACKBONES, VOCAB, random_tokens
-from trainer_step_worker import HostReads
+from trainer_step_worker import recorded_host_reads
 
 torch.set_num_threads(1)
 
@@ -63,17 +63,6 @@ def transformers_masks(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(segment_attention, "plain_causal", lambda config: False)
         yield
-
-
-@contextmanager
-def recorded_host_reads():
-    reads = HostReads().install()
-    reads.active = True
-    try:
-        yield reads.sites
-    finally:
-        reads.active = False
-        reads.uninstall()
 
 
 def _from(sites, prefix):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_step_worker import HostReads
+from trainer_step_worker import recorded_host_reads
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "trainer_step_worker.py"
@@ -67,15 +67,10 @@ def test_prepare_reads_the_host_batch_so_the_model_reads_nothing(rows):
     args, count = prepare(batch, torch.device("cpu"), segment_size=5, loss_from_segment=1)
     assert args["attention_mask_padded"] == (min(map(min, rows)) == 0)
     model = tiny_rmt()
-    reads = HostReads().install()
-    reads.active = True
-    try:
+    with recorded_host_reads() as sites:
         out = model(**args)
         out.loss.backward()
-    finally:
-        reads.active = False
-        reads.uninstall()
-    assert [site for site in reads.sites if _file(site).startswith(("model/", "transformers/"))] == [], reads.sites
+    assert [site for site in sites if _file(site).startswith(("model/", "transformers/"))] == [], sites
     assert int(out.num_tokens) == count
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +94,18 @@ class HostReads:
             else:
                 delattr(owner, name)
         self._saved.clear()
+
+
+@contextmanager
+def recorded_host_reads():
+    """The host reads made inside the block (a list of "method at file:line"), patched out after."""
+    reads = HostReads().install()
+    reads.active = True
+    try:
+        yield reads.sites
+    finally:
+        reads.active = False
+        reads.uninstall()
 
 
 def build_trainer(runs: Path, name: str, overrides: list[str]):

@@ -18,8 +18,8 @@ from training.step_stats import StepSums
 def prepare(batch: dict, device: torch.device, segment_size: int,
             loss_from_segment: int) -> tuple[dict, int]:
     """The engine's arguments for a micro-batch, copied towards `device` without waiting, and its
-    valid targets as the model counts them (num_tokens). Both facts the model would otherwise
-    read back from the device are read here from the host batch: the target count, and whether
+    valid targets as the model counts them (num_tokens). Both facts that would otherwise be
+    read back from the device are read here, from the host batch: the target count, and whether
     the attention mask hides anything (attention_mask_padded: an all-real mask takes the
     unmasked path, a padded one the masked path, without the model checking it)."""
     mask = batch["attention_mask"]
