@@ -24,18 +24,9 @@
 set -euo pipefail
 
 dry_run="${GPU_REPORT_DRY_RUN:-0}"
-out_dir=""
-for arg in "$@"; do
-    case "$arg" in
-        --dry-run) dry_run=1 ;;
-        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-        -*) echo "gpu_report.sh: unknown option $arg (valid: --dry-run, OUT_DIR)" >&2; exit 2 ;;
-        *) out_dir="$arg" ;;
-    esac
-done
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out_dir="${out_dir:-$root/bench/out/gpu_report}"
-python="${PYTHON:-python}"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_script_args.sh"
+gpu_script_args gpu_report.sh bench/out/gpu_report "$@"
+gpu_script_require_cuda gpu_report.sh "this report measures a GPU"
 
 if [[ "$dry_run" == 1 ]]; then
     device=cpu gpu="none (dry run on CPU: tiny profile, tiny lengths; no GPU figures)"
@@ -45,11 +36,6 @@ if [[ "$dry_run" == 1 ]]; then
     trainer_compile_modes="${GPU_REPORT_TRAINER_COMPILE:-}"  # a cold CPU compile takes minutes
     default_trainer_reserve_s=0
 else
-    if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-        echo "gpu_report.sh: no CUDA device visible to torch here; this report measures a GPU." \
-             "Run it on a machine with one, or use --dry-run to check the pipeline on the CPU." >&2
-        exit 2
-    fi
     device=cuda
     gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)"
     gpu="${gpu:-$("$python" -c 'import torch; print(torch.cuda.get_device_name(0))')}"

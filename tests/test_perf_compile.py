@@ -93,6 +93,34 @@ def test_compiled_step_equals_eager(models, case):
         assert graphs() > before  # shapes of its own were compiled: the compiled path ran
 
 
+def test_the_embedding_modules_hooks_run_eagerly(models):
+    """transformers' activation_checkpointing_enable() hooks the input embeddings with a
+    requires_grad_() call that torch 2.11's dynamo cannot capture (fullgraph: the compile fails);
+    the compiled step runs the token lookup eagerly, so any hook there runs, outside the graph. The
+    hook below breaks every graph that captures it, on every torch, and counts its calls."""
+    _, compiled = models
+    ids = torch.randint(0, BACKBONE["vocab_size"], (2, 3 * SEGMENT), generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    def uncapturable(module, args, output):
+        torch._dynamo.graph_break()
+        calls.append(tuple(output.shape))
+
+    handle = compiled.get_input_embeddings().register_forward_hook(uncapturable)
+    try:
+        loss_and_grads(compiled, ids, None)
+        assert calls == [(2, SEGMENT, BACKBONE["hidden_size"])] * 3  # once per segment, eagerly
+        compiled.activation_checkpointing_enable()  # and transformers' own hook with it
+        try:
+            calls.clear()
+            loss, _ = loss_and_grads(compiled, ids, None)
+        finally:
+            compiled.activation_checkpointing_disable()
+        assert torch.isfinite(loss) and len(calls) == 6  # forward and recompute of each segment
+    finally:
+        handle.remove()
+
+
 def test_zero3_with_compile_is_a_config_error():
     with pytest.raises(ConfigError, match="model.compile: true needs deepspeed.zero_stage 0, 1 or 2"):
         load_config(None, ["model.compile=true", "deepspeed.zero_stage=3"])

@@ -1,9 +1,10 @@
 """`model.compile`: the segment step captured once by torch.compile and replayed N times a step.
 
-What is compiled is `RMTForCausalLM.segment_hidden` (embeddings, the backbone over [read memory ;
-tokens ; write memory], the new memory): every FLOP of a segment but the LM head's loss, which
-stays eager (the fused loss takes its gradients in forward and adds the head's into a step-wide
-buffer, see model/segment_loss.py; its GEMMs gain nothing from fusion). The model class is not
+What is compiled is `RMTForCausalLM.segment_hidden` from the token embeddings on (the backbone over
+[read memory ; tokens ; write memory], the new memory): every FLOP of a segment but the LM head's
+loss, which stays eager (the fused loss takes its gradients in forward and adds the head's into a
+step-wide buffer, see model/segment_loss.py; its GEMMs gain nothing from fusion), and the token
+lookup, eager so that the embedding module's hooks are not captured (a gather: nothing to fuse). The model class is not
 touched: the instance's attribute is replaced, so export, checkpoints and the hub copy are the
 plain model.
 
@@ -53,7 +54,13 @@ def compile_segment_step(model, mode: str | None = None):
     compiled = torch.compile(model.segment_hidden, dynamic=False, fullgraph=True, mode=mode)
 
     def segment_hidden(memory, seg_ids, seg_embeds, seg_mask):
-        return compiled(memory.contiguous(), seg_ids, seg_embeds, seg_mask)
+        if seg_embeds is None:
+            # The token lookup runs eagerly, so the embedding module's hooks stay out of the graph:
+            # transformers' activation_checkpointing_enable() adds one that calls requires_grad_()
+            # on its output, which torch 2.11's dynamo cannot capture (fullgraph: an error). Inside
+            # a checkpointed segment this costs nothing more: the wrapper runs in its recompute too.
+            seg_embeds = model.get_input_embeddings()(seg_ids)
+        return compiled(memory.contiguous(), None, seg_embeds, seg_mask)
 
     segment_hidden.compiled = compiled  # for tests and benchmarks: the torch.compile object
     model.segment_hidden = segment_hidden
