@@ -49,6 +49,8 @@ fi
 gpu_script_require_cuda gpu_check.sh "these checks need a GPU"
 # Absolute: the parts run from the repository root.
 out_dir="$(mkdir -p "$out_dir" && cd "$out_dir" && pwd)"
+# An earlier check's files would be read as this one's (the skip count, the report's table).
+rm -rf "$out_dir"/{tests,pretrain,report}.log "$out_dir/summary.md" "$out_dir/gpu_report" "$out_dir/runs"
 report_args=()
 if [[ $dry_run == 1 ]]; then report_args=(--dry-run); fi
 start=$SECONDS
@@ -82,14 +84,13 @@ for part in $parts; do
                 tests/test_trainer_sync.py::test_a_micro_step_does_not_synchronise_the_gpu tests/test_optim_fused.py
             # On a GPU a skipped test is a check not made (e.g. torch sees no device in pytest): a
             # failure. The dry run skips the CUDA one by design and only says so.
-            skipped=$(grep -c "^SKIPPED" "$out_dir/tests.log" || true)
+            skipped=$(grep -c "^SKIPPED" "$out_dir/tests.log" 2>/dev/null || true)
             if (( skipped > 0 )); then
                 if [[ $dry_run == 0 ]]; then verdict="failed: $skipped skipped"; failed=1; else verdict="passed, $skipped skipped"; fi
                 rows[-1]="${rows[-1]/| passed |/| $verdict (tests.log) |}"
             fi ;;
         pretrain)
             limit=$pretrain_timeout_s
-            rm -rf "$out_dir/runs"
             run_part pretrain $(( left_s < limit ? left_s : limit )) env PYTHON="$python" deepspeed launch/pretrain.sh \
                 "run.max_steps=$steps" "run.runs_dir=$out_dir/runs" "eval.every=$steps" "checkpoint.every=$steps" \
                 "logging.every=1" ;;

@@ -67,9 +67,12 @@ def test_dry_run_makes_every_part_and_sums_them_up(repo_root, tmp_path):
 
 def test_a_part_that_times_out_or_gets_no_time_fails_the_check(repo_root, tmp_path):
     out = tmp_path / "check"
+    (out / "gpu_report").mkdir(parents=True)  # an earlier check's report: not this one's
+    (out / "gpu_report" / "report.md").write_text("STALE REPORT\n")
     proc = run_check(repo_root, "--dry-run", str(out), GPU_CHECK_PARTS="pretrain report",
                      GPU_CHECK_PRETRAIN_TIMEOUT_S="1", GPU_CHECK_BUDGET_S="100", timeout=120)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = summary_rows(out)
     assert rows["pretrain"] == "timed out (1 s)"
     assert rows["report"].startswith("not run: ") and "s of the budget left" in rows["report"]
+    assert "STALE" not in (out / "summary.md").read_text() and not (out / "gpu_report").exists()
