@@ -1,12 +1,12 @@
 """`model.compile`: the segment step captured once by torch.compile and replayed N times a step.
 
 What is compiled is `RMTForCausalLM.segment_hidden` from the token embeddings on (the backbone over
-[read memory ; tokens ; write memory], the new memory): every FLOP of a segment but the LM head's
-loss, which stays eager (the fused loss takes its gradients in forward and adds the head's into a
-step-wide buffer, see model/segment_loss.py; its GEMMs gain nothing from fusion), and the token
-lookup, eager so that the embedding module's hooks are not captured (a gather: nothing to fuse). The model class is not
-touched: the instance's attribute is replaced, so export, checkpoints and the hub copy are the
-plain model.
+[read memory ; tokens ; write memory], the new memory): every FLOP of a segment but two. The LM
+head's loss stays eager (the fused loss takes its gradients in forward and adds the head's into a
+step-wide buffer, see model/segment_loss.py; its GEMMs gain nothing from fusion). The token lookup
+stays eager so that hooks on the embedding module are not captured (one gather kernel). The model
+class is not touched: the instance's attribute is replaced, so export, checkpoints and the hub copy
+are the plain model.
 
 Shapes: dynamic=False, so each distinct segment shape is one graph: the full segment, a shorter
 last segment (one more), padded vs unpadded segments (a mask input or none), autograd on vs off
